@@ -1,0 +1,117 @@
+"""Commands: demo, publish-reissued, check."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import UTC, datetime
+
+import click
+import httpx
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+from invoice_mailer.billing import build_http_client
+from invoice_mailer.errors import PublishError
+from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, REISSUED
+from invoice_mailer.publisher import EventPublisher
+from settings import Settings, load_or_exit
+
+EXIT_BROKER = 2
+EXIT_API = 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """invoice-mailer: invoice.reissued -> resend the invoice email -> invoice.email_queued."""
+
+
+@main.command()
+@click.option("--quiet", is_flag=True, help="Print only the summary table.")
+def demo(quiet: bool) -> None:
+    """Run the whole pipeline in one process: in-memory broker, local billing sandbox."""
+    from cli._demo import run_demo
+
+    sys.exit(run_demo(verbose=not quiet))
+
+
+@main.command("publish-reissued")
+@click.argument("invoice")
+@click.option("--event-id", default=None, help="CloudEvent id (default: a new one).")
+@click.option("--source", default="/billing", show_default=True)
+def publish_reissued(invoice: str, event_id: str | None, source: str) -> None:
+    """Publish one invoice.reissued for INVOICE (an id, or a reference for abillify)."""
+    settings = load_or_exit()
+    field = "invoiceReference" if settings.billing_provider == "abillify" else "invoiceId"
+    event = {
+        "specversion": "1.0",
+        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "source": source,
+        "type": REISSUED,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": {field: invoice},
+    }
+    topology = settings.topology()
+    publisher = EventPublisher.connect(settings.celery_broker_url, topology, pool_size=1)
+    try:
+        with Connection(settings.celery_broker_url, connect_timeout=10) as conn:
+            topology.declare(conn)  # the event waits in its queue even if no worker runs yet
+        publisher.publish_raw(
+            json.dumps(event).encode(),
+            routing_key=REISSUED,
+            content_type=CLOUDEVENTS_CONTENT_TYPE,
+            message_id=event["id"],
+        )
+    except (
+        PublishError,
+        OSError,
+        *Connection(settings.celery_broker_url).connection_errors,
+    ) as exc:
+        click.echo(f"invoice-mailer: could not publish: {exc}", err=True)
+        sys.exit(EXIT_BROKER)
+    finally:
+        publisher.close()
+    click.echo(json.dumps(event))
+
+
+@main.command()
+def check() -> None:
+    """Check settings (exit 78), the broker (exit 2) and the billing API (exit 3)."""
+    settings = load_or_exit()
+    click.echo(f"settings   ok      provider={settings.billing_provider}")
+    broker = maybe_sanitize_url(settings.celery_broker_url)
+    try:
+        with Connection(settings.celery_broker_url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        click.echo(f"broker     FAILED  {broker}: {type(exc).__name__}: {exc}")
+        sys.exit(EXIT_BROKER)
+    click.echo(f"broker     ok      {broker}")
+    ok, line = _check_api(settings)
+    click.echo(f"billing    {'ok    ' if ok else 'FAILED'}  {line}")
+    if not ok:
+        sys.exit(EXIT_API)
+
+
+def _check_api(settings: Settings) -> tuple[bool, str]:
+    """Reach the API without side effects: HostUp email-info of an invoice that cannot exist."""
+    with build_http_client(settings.http_config(max_connections=1)) as http:
+        if settings.billing_provider == "hostup":
+            base = str(settings.hostup_api_base_url).rstrip("/")
+            assert settings.hostup_api_key is not None
+            url = f"{base}/billing/invoices/inv_0invoicemailercheck/email-info"
+            headers = {"Authorization": f"Bearer {settings.hostup_api_key.get_secret_value()}"}
+        else:
+            base = str(settings.abillify_api_base_url).rstrip("/")
+            url, headers = base, {}
+        try:
+            response = http.get(url, headers={**headers, "Accept": "application/json"})
+        except httpx.HTTPError as exc:
+            return False, f"{base}: {type(exc).__name__}"
+    if response.status_code in (401, 403):
+        return False, f"{base}: credentials rejected ({response.status_code})"
+    if response.status_code >= 500:
+        return False, f"{base}: server error ({response.status_code})"
+    return True, f"{base} (answered {response.status_code})"

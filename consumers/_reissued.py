@@ -1,0 +1,154 @@
+"""The raw-event consumer: ``invoice.reissued`` from RabbitMQ into the pipeline task.
+
+It runs on the worker's event loop (a Celery consumer bootstep), so it does no
+HTTP and nothing slow: validate, publish the task (confirmed), then ack. Events
+that can never be processed are dead-lettered with their reason, and an
+``invoice.email_failed`` is published; the worker goes on with the next one.
+Nothing raised here may escape: an exception from a callback stops the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from celery import bootsteps
+from kombu import Consumer
+from kombu.message import Message
+
+from invoice_mailer.errors import InvalidEvent, PublishError
+from invoice_mailer.events import EMAIL_FAILED, parse_reissued
+from invoice_mailer.pipeline import Job, failed_event
+from invoice_mailer.publisher import DeadLetter
+from tasks import TASK_NAME, InvoiceMailerCelery, job_repr
+
+__all__ = ["PREFETCH", "ReissuedEventConsumer"]
+
+log = logging.getLogger("invoice_mailer.consumer")
+
+# Unacked raw events one worker holds: enough to keep the hand-off busy, small
+# enough that a backlog stays in the broker (and with other workers).
+PREFETCH = 64
+
+
+class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
+    """Consumes the durable ``invoice-mailer.reissued`` queue inside the worker."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.app: InvoiceMailerCelery = parent.app
+
+    def start(self, c: Any) -> None:
+        self.app.settings.topology().declare(c.connection)
+        super().start(c)
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        # Runs again on every reconnect, with a new channel: keep no channel state.
+        return [
+            Consumer(
+                channel,
+                queues=[self.app.settings.topology().reissued()],
+                on_message=self.on_message,  # raw messages: we decode the body ourselves
+                prefetch_count=PREFETCH,
+                accept=[],
+            )
+        ]
+
+    def on_message(self, message: Message) -> None:
+        try:
+            self._handle(message)
+        except PublishError:
+            # The broker would not take the hand-off: give the event back to it.
+            log.warning("could not hand off an event; requeueing it", exc_info=True)
+            _settle(message, requeue=True)
+        except Exception:
+            # A bug, not bad input: the broker dead-letters it (x-death says why).
+            log.exception("unexpected error handling an event; rejecting it")
+            _settle(message, requeue=False)
+
+    def _handle(self, message: Message) -> None:
+        body: bytes = message.body if isinstance(message.body, bytes) else message.body.encode()
+        content_type = message.content_type
+        settings = self.app.settings
+        try:
+            event = parse_reissued(body, content_type, provider=settings.billing_provider)
+        except InvalidEvent as invalid:
+            self._reject_invalid(body, content_type, invalid)
+            message.ack()
+            return
+        job = Job(event=event, body=body.decode("utf-8"), content_type=content_type)
+        self._hand_off(job)
+        message.ack()
+        log.info(
+            "event received",
+            extra={"event_id": event.event_id, "invoice": event.invoice, "step": "receive"},
+        )
+
+    def _hand_off(self, job: Job) -> None:
+        try:
+            self.app.send_task(TASK_NAME, kwargs={"job": job.to_dict()}, kwargsrepr=job_repr(job))
+        except Exception as exc:
+            raise PublishError(f"could not publish the pipeline task: {exc!r}") from exc
+
+    def _reject_invalid(self, body: bytes, content_type: str | None, invalid: InvalidEvent) -> None:
+        source, event_id = _readable_ids(body)
+        publisher = self.app.runtime.publisher
+        publisher.dead_letter(
+            DeadLetter(
+                body=body,
+                content_type=content_type,
+                code=invalid.code,
+                detail=invalid.detail,
+                attempts=0,
+            )
+        )
+        # An unreadable event is identified by its bytes: a redelivery maps to the same id.
+        cause_key = (
+            (source, event_id)
+            if source is not None and event_id is not None
+            else ("sha256", hashlib.sha256(body).hexdigest())
+        )
+        event = failed_event(
+            invoice=None,
+            provider=self.app.settings.billing_provider,
+            cause_key=cause_key,
+            reissued_event={"id": event_id, "source": source},
+            attempts=0,
+            reason={
+                "step": "validate",
+                "status": None,
+                "code": invalid.code,
+                "detail": invalid.detail,
+            },
+        )
+        publisher.publish_event(event, EMAIL_FAILED)
+        log.warning(
+            "invalid event dead-lettered",
+            extra={"event_id": event_id, "step": "validate", "code": invalid.code},
+        )
+
+
+def _readable_ids(body: bytes) -> tuple[str | None, str | None]:
+    """``(source, id)`` of an invalid event, where they can be read as short strings."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    source, event_id = doc.get("source"), doc.get("id")
+    ok = all(isinstance(v, str) and 0 < len(v) <= 1024 for v in (source, event_id))
+    return (source, event_id) if ok else (None, None)
+
+
+def _settle(message: Message, *, requeue: bool) -> None:
+    """Requeue or reject, tolerating a channel that is already gone (celery#4671)."""
+    try:
+        if requeue:
+            message.requeue()
+        else:
+            message.reject(requeue=False)
+    except Exception:
+        log.warning("could not settle the message; the broker will redeliver it", exc_info=True)

@@ -1,0 +1,84 @@
+"""The one place where httpx's exceptions and responses become our errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from invoice_mailer.errors import TransientError
+from invoice_mailer.problem import Problem, error_for, parse_problem, requested_wait
+
+__all__ = ["HttpConfig", "build_http_client", "send"]
+
+ProblemParser = Callable[[int, bytes], Problem]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    """How one worker process talks HTTP: one pool, explicit limits."""
+
+    timeout_seconds: float = 10.0
+    max_connections: int = 100
+    user_agent: str = "invoice-mailer/0.1"
+
+
+def build_http_client(
+    config: HttpConfig, *, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """One client per worker process; ``transport`` is the test seam."""
+    return httpx.Client(
+        timeout=httpx.Timeout(config.timeout_seconds),
+        limits=httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_connections,
+        ),
+        headers={"User-Agent": config.user_agent},
+        follow_redirects=False,  # a redirect would carry credentials somewhere unreviewed
+        transport=transport,
+    )
+
+
+def send(
+    http: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    json_body: Any = None,
+    parse_problem_body: ProblemParser = parse_problem,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> httpx.Response:
+    """Send one request; return a 2xx response or raise a BillingError.
+
+    The error never carries the request, so a credential in its headers cannot
+    leak through it.
+    """
+    try:
+        response = http.request(method, url, headers=headers, json=json_body)
+    except httpx.TimeoutException as exc:
+        raise TransientError(
+            status=None,
+            code="timeout",
+            detail=f"{type(exc).__name__} after {_timeout_of(http)}s",
+            request_sent=not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout),
+        ) from None
+    except httpx.TransportError as exc:
+        raise TransientError(
+            status=None,
+            code="connection_error",
+            detail=type(exc).__name__,
+            request_sent=not isinstance(exc, httpx.ConnectError),
+        ) from None
+    if response.is_success:
+        return response
+    problem = parse_problem_body(response.status_code, response.content)
+    wait = requested_wait(response.headers, problem, now())
+    raise error_for(response.status_code, problem, wait)
+
+
+def _timeout_of(http: httpx.Client) -> float | None:
+    return http.timeout.read

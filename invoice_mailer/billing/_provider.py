@@ -1,0 +1,39 @@
+"""What the pipeline needs of a billing provider, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["BillingProvider", "ResendResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResendResult:
+    """What a successful resend told us."""
+
+    queued_at: str
+    email: str | None = None
+    job_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"queuedAt": self.queued_at, "email": self.email, "jobId": self.job_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResendResult:
+        return cls(queued_at=data["queuedAt"], email=data.get("email"), job_id=data.get("jobId"))
+
+
+class BillingProvider(Protocol):
+    """A billing API that can resend an invoice email.
+
+    Methods raise only ``BillingError`` subclasses. ``has_email_info`` says
+    whether ``email_info`` exists; the pipeline skips that step otherwise.
+    """
+
+    name: str
+    has_email_info: bool
+
+    def resend(self, invoice: str, *, idempotency_key: str) -> ResendResult: ...
+
+    def email_info(self, invoice: str) -> dict[str, Any]: ...

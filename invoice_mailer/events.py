@@ -1,0 +1,171 @@
+"""CloudEvents in and out: parsing ``invoice.reissued``, building what we publish.
+
+Parsing works on the raw message body: kombu's own decoding rejects
+``application/cloudevents+json`` and would hand a body without content type
+through as a string, so nothing here trusts the transport's idea of the payload.
+Every way an event can be unusable maps to one stable ``InvalidEvent.code``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from invoice_mailer.errors import InvalidEvent
+
+__all__ = [
+    "ACCEPTED_CONTENT_TYPES",
+    "CLOUDEVENTS_CONTENT_TYPE",
+    "EMAIL_FAILED",
+    "EMAIL_QUEUED",
+    "MAX_EVENT_BYTES",
+    "REISSUED",
+    "Reissued",
+    "cloud_event",
+    "encode",
+    "outgoing_event_id",
+    "parse_reissued",
+]
+
+REISSUED = "invoice.reissued"
+EMAIL_QUEUED = "invoice.email_queued"
+EMAIL_FAILED = "invoice.email_failed"
+CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
+ACCEPTED_CONTENT_TYPES = frozenset({CLOUDEVENTS_CONTENT_TYPE, "application/json"})
+OUR_SOURCE = "/invoice-mailer"
+MAX_EVENT_BYTES = 64 * 1024
+
+# Fixed forever: outgoing ids derive from it, and downstream deduplicates on them.
+_ID_NAMESPACE = uuid.UUID("5f0c6f3e-2b7a-4c1e-9d3a-6b8e1f2a4c70")
+
+_Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# HostUp's public invoice ids: "inv_" then letters and digits, nothing that could
+# change the meaning of a URL path.
+_InvoiceId = Annotated[str, StringConstraints(pattern=r"^inv_[A-Za-z0-9]{1,64}$")]
+# Abillify references: one safe path segment; the first character rules out "." and "..".
+_InvoiceReference = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    specversion: Literal["1.0"]
+    id: _Text
+    source: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    type: Literal["invoice.reissued"]
+    time: datetime | None = Field(default=None, strict=False)  # RFC 3339 text on the wire
+    data: dict[str, Any]
+
+
+class _HostUpData(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    invoice_id: _InvoiceId = Field(alias="invoiceId")
+
+
+class _AbillifyData(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    invoice_reference: _InvoiceReference = Field(alias="invoiceReference")
+
+
+_DATA_MODELS: dict[str, tuple[type[BaseModel], str]] = {
+    "hostup": (_HostUpData, "invoice_id"),
+    "abillify": (_AbillifyData, "invoice_reference"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reissued:
+    """A validated ``invoice.reissued``: all the pipeline needs to know of it."""
+
+    event_id: str
+    source: str
+    invoice: str
+    """``data.invoiceId`` (HostUp) or ``data.invoiceReference`` (Abillify), validated."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(source, id)``: what identifies the event (CONTRACT.md)."""
+        return (self.source, self.event_id)
+
+
+def parse_reissued(body: bytes, content_type: str | None, *, provider: str) -> Reissued:
+    """Validate a raw message body as an ``invoice.reissued`` for ``provider``.
+
+    Raises InvalidEvent with a stable code; never returns anything unsafe to put
+    in a URL path.
+    """
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type and media_type not in ACCEPTED_CONTENT_TYPES:
+        raise InvalidEvent("unsupported_content_type", f"content type {media_type!r} is not JSON")
+    if len(body) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too_large", f"event is {len(body)} bytes, limit {MAX_EVENT_BYTES}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("not_utf8", f"body is not UTF-8 ({exc.reason})") from None
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise InvalidEvent("not_json", "body is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidEvent("not_json", f"body is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidEvent("invalid_cloudevent", "body is not a JSON object")
+    try:
+        envelope = _Envelope.model_validate(doc)
+    except ValidationError as exc:
+        raise InvalidEvent("invalid_cloudevent", _describe(exc)) from None
+    model, attribute = _DATA_MODELS[provider]
+    try:
+        data = model.model_validate(envelope.data)
+    except ValidationError as exc:
+        raise InvalidEvent("invalid_invoice_id", _describe(exc)) from None
+    return Reissued(event_id=envelope.id, source=envelope.source, invoice=getattr(data, attribute))
+
+
+def outgoing_event_id(event_type: str, source: str, event_id: str) -> str:
+    """The id of the event we publish for an incoming ``(source, id)``: the same every time."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{event_type}\n{source}\n{event_id}"))
+
+
+def cloud_event(
+    event_type: str,
+    *,
+    cause_key: tuple[str, str],
+    subject: str | None,
+    data: dict[str, Any],
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A structured-mode CloudEvent; its id derives from ``cause_key`` (source, id)."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": outgoing_event_id(event_type, *cause_key),
+        "source": OUR_SOURCE,
+        "type": event_type,
+        "time": (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+    }
+    if subject is not None:
+        event["subject"] = subject
+    event["data"] = data
+    return event
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """The wire form of an event: compact UTF-8 JSON."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "event"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,174 @@
+"""Publishing events and dead letters: confirmed, routed, persistent, or an error.
+
+A broker confirm alone does not mean a queue took the message (an unroutable
+message is confirmed too), so every publish is ``mandatory`` and a returned
+message raises PublishError. kombu and py-amqp exceptions are translated here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import amqp.exceptions
+from kombu.connection import Connection
+from kombu.entity import Exchange
+from kombu.messaging import Producer
+from kombu.pools import ProducerPool
+
+from invoice_mailer.errors import PublishError
+from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, encode
+from invoice_mailer.topology import Topology
+
+__all__ = ["REASON_HEADER", "DeadLetter", "EventPublisher"]
+
+REASON_HEADER = "x-invoice-mailer-reason"
+REASON_CODE_HEADER = "x-invoice-mailer-reason-code"
+ATTEMPTS_HEADER = "x-invoice-mailer-attempts"
+
+_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+
+class DeadLetter:
+    """An event the service gave up on: its original body and why."""
+
+    __slots__ = ("attempts", "body", "code", "content_type", "detail")
+
+    def __init__(
+        self, *, body: bytes, content_type: str | None, code: str, detail: str, attempts: int
+    ) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.code = code
+        self.detail = detail
+        self.attempts = attempts
+
+    def headers(self) -> dict[str, Any]:
+        return {
+            REASON_HEADER: f"{self.code}: {self.detail}",
+            REASON_CODE_HEADER: self.code,
+            ATTEMPTS_HEADER: self.attempts,
+        }
+
+
+class _ReturnTrackingProducer(Producer):
+    """A producer that remembers messages the broker returned as unroutable."""
+
+    def __init__(self, channel: Any, **kwargs: Any) -> None:
+        self.returned: list[str] = []
+        super().__init__(channel, on_return=self._on_return, **kwargs)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self.returned.append(f"{exc} (exchange {exchange!r}, routing key {routing_key!r})")
+
+
+class EventPublisher:
+    """Publishes with publisher confirms over a small pool of broker connections.
+
+    Thread-safe: each publish takes a producer (its own channel) from the pool.
+    """
+
+    def __init__(self, connection: Connection, topology: Topology, *, pool_size: int = 8) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._events = topology.events()
+        self._dead_letters = topology.dead_letters_exchange()
+        self._pool = ProducerPool(
+            connection.Pool(limit=pool_size), limit=pool_size, Producer=_ReturnTrackingProducer
+        )
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def connect(cls, url: str, topology: Topology, *, pool_size: int = 8) -> EventPublisher:
+        """A publisher on its own connections, with confirms switched on."""
+        connection = Connection(
+            url,
+            transport_options={"confirm_publish": True},
+            heartbeat=60,
+            connect_timeout=10,
+        )
+        return cls(connection, topology, pool_size=pool_size)
+
+    def publish_event(self, event: Mapping[str, Any], routing_key: str) -> None:
+        """Publish one CloudEvent to the events exchange; its ``id`` is the message id."""
+        self._publish(
+            encode(dict(event)),
+            exchange=self._events,
+            routing_key=routing_key,
+            content_type=CLOUDEVENTS_CONTENT_TYPE,
+            message_id=str(event["id"]),
+            headers={},
+        )
+
+    def publish_raw(
+        self, body: bytes, *, routing_key: str, content_type: str | None, message_id: str | None
+    ) -> None:
+        """Publish an event body as it is (a replay, a test event) to the events exchange."""
+        self._publish(
+            body,
+            exchange=self._events,
+            routing_key=routing_key,
+            content_type=content_type or CLOUDEVENTS_CONTENT_TYPE,
+            message_id=message_id,
+            headers={},
+        )
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        """Put an event on the dead-letter queue, body unchanged, reason in headers."""
+        self._publish(
+            letter.body,
+            exchange=self._dead_letters,
+            routing_key=self._topology.dead_letter_queue,
+            content_type=letter.content_type or "application/octet-stream",
+            message_id=None,
+            headers=letter.headers(),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.force_close_all()
+        self._pool.connections.force_close_all()
+
+    def _publish(
+        self,
+        body: bytes,
+        *,
+        exchange: Exchange,
+        routing_key: str,
+        content_type: str,
+        message_id: str | None,
+        headers: dict[str, Any],
+    ) -> None:
+        conn_errors: tuple[type[BaseException], ...] = (
+            *self._connection.connection_errors,
+            *self._connection.channel_errors,
+            amqp.exceptions.MessageNacked,
+            OSError,
+        )
+        try:
+            with self._pool.acquire(block=True, timeout=30) as producer:
+                producer.returned.clear()
+                producer.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    content_type=content_type,
+                    content_encoding="binary" if content_type.endswith("octet-stream") else "utf-8",
+                    delivery_mode=2,
+                    mandatory=True,
+                    message_id=message_id,
+                    headers=headers,
+                    retry=True,
+                    retry_policy=_RETRY_POLICY,
+                )
+                returned = list(producer.returned)
+        except conn_errors as exc:
+            raise PublishError(f"broker did not confirm {routing_key!r}: {exc!r}") from exc
+        if returned:
+            raise PublishError(f"unroutable: {returned[0]}")

@@ -1,0 +1,569 @@
+"""A local, faithful stand-in for the billing APIs of ../shared/api/, with fault injection.
+
+It is a real HTTP/1.1 server (keep-alive, Content-Length, problem documents) so the
+service's HTTP stack is exercised for real. Faults are scripted per invoice and
+endpoint, consumed in order, then the endpoint behaves normally again:
+
+    sandbox.script("inv_1", "resend", [Fault(status=503), Fault(status=429, retry_after=3)])
+
+Random faults (``failure_rates``) and a fixed ``latency`` serve long runs and benchmarks.
+Every request is recorded (method, path, headers, body, time) for tests to assert on.
+Control endpoints under ``/_sandbox/`` let another process script and read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["DEFAULT_API_KEY", "Fault", "RecordedRequest", "Sandbox"]
+
+DEFAULT_API_KEY = "sandbox-api-key"
+DEFAULT_ABILLIFY_USER = "sandbox"
+DEFAULT_ABILLIFY_PASSWORD = "sandbox-password"
+HOSTUP_PREFIX = "/api/v2"
+ABILLIFY_PREFIX = "/abillify/api"
+DEFAULT_TARGETS = {"to": "billing@example.com", "ccRecipients": ["finance@example.com"]}
+
+_HOSTUP_RESEND = re.compile(r"^/api/v2/billing/invoices/([^/]+)/actions/resend-email$")
+_HOSTUP_EMAIL_INFO = re.compile(r"^/api/v2/billing/invoices/([^/]+)/email-info$")
+_ABILLIFY_RESEND = re.compile(r"^/abillify/api/invoices/([^/]+)/resendInvoice$")
+_INVOICE_ID = re.compile(r"^inv_[A-Za-z0-9]+$")
+# What email-info shows of an email (shared/api/hostup-email-info.md); the rest is ours.
+_EMAIL_INFO_FIELDS = ("to", "ccRecipients", "status", "deliveryStatus", "sentAt", "createdAt")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted answer. ``status=None`` with ``drop`` closes the connection unanswered."""
+
+    status: int | None = 500
+    retry_after: str | None = None
+    """``Retry-After`` header value (seconds or an HTTP date)."""
+    retry_after_seconds: float | None = None
+    """``recovery.retryAfterSeconds`` in the body (HostUp's resend limit)."""
+    rate_limit_reset: str | None = None
+    code: str | None = None
+    """Problem ``code`` (HostUp) or ``type`` (Abillify); None picks the documented one."""
+    body: str | None = None
+    """A raw body instead of the documented problem document (HTML, empty, wrong shape)."""
+    content_type: str | None = None
+    delay: float = 0.0
+    """Seconds to wait before answering (beyond the sandbox's latency)."""
+    drop: bool = False
+    """Close the connection after reading the request, sending nothing."""
+    then_succeed: bool = False
+    """Do the real work first (the email is queued), then answer with the fault."""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    endpoint: str
+    invoice: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["body"] = self.body.decode("utf-8", "replace")
+        return data
+
+
+@dataclass
+class _State:
+    api_key: str
+    abillify_user: str
+    abillify_password: str
+    latency: float
+    failure_rates: dict[int, float]
+    resend_limit: int | None
+    missing: set[str] = field(default_factory=set)
+    scopes: set[str] = field(default_factory=lambda: {"read:billing", "write:billing"})
+    scripts: dict[tuple[str, str], list[Fault]] = field(default_factory=dict)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    emails: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    idempotency: dict[str, tuple[float, int, bytes]] = field(default_factory=dict)
+    jobs: int = 0
+
+
+class Sandbox:
+    """The billing APIs on a free loopback port, in a background thread."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = DEFAULT_API_KEY,
+        abillify_user: str = DEFAULT_ABILLIFY_USER,
+        abillify_password: str = DEFAULT_ABILLIFY_PASSWORD,
+        latency: float = 0.0,
+        failure_rates: dict[int, float] | None = None,
+        resend_limit: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._state = _State(
+            api_key=api_key,
+            abillify_user=abillify_user,
+            abillify_password=abillify_password,
+            latency=latency,
+            failure_rates=dict(failure_rates or {}),
+            resend_limit=resend_limit,
+        )
+        handler = type("_BoundHandler", (_Handler,), {"sandbox": self})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def hostup_url(self) -> str:
+        """What HOSTUP_API_BASE_URL should be."""
+        return self.url + HOSTUP_PREFIX
+
+    @property
+    def abillify_url(self) -> str:
+        """What ABILLIFY_API_BASE_URL should be."""
+        return self.url + ABILLIFY_PREFIX
+
+    def start(self) -> Sandbox:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="billing-sandbox", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scripting and inspection --------------------------------------------------------
+
+    def script(self, invoice: str, endpoint: str, faults: Iterable[Fault]) -> None:
+        """Answer the next requests for ``invoice`` at ``endpoint`` with ``faults``, in order.
+
+        ``endpoint`` is ``resend`` (either provider's resend) or ``email_info``.
+        """
+        with self._lock:
+            self._state.scripts.setdefault((invoice, endpoint), []).extend(faults)
+
+    def mark_missing(self, invoice: str) -> None:
+        """Make ``invoice`` unknown: 404 from every endpoint."""
+        with self._lock:
+            self._state.missing.add(invoice)
+
+    def configure(
+        self,
+        *,
+        latency: float | None = None,
+        failure_rates: dict[int, float] | None = None,
+        scopes: set[str] | None = None,
+        resend_limit: int | None = None,
+    ) -> None:
+        with self._lock:
+            if latency is not None:
+                self._state.latency = latency
+            if failure_rates is not None:
+                self._state.failure_rates = dict(failure_rates)
+            if scopes is not None:
+                self._state.scopes = set(scopes)
+            if resend_limit is not None:
+                self._state.resend_limit = resend_limit
+
+    def requests(
+        self, *, invoice: str | None = None, endpoint: str | None = None
+    ) -> list[RecordedRequest]:
+        with self._lock:
+            return [
+                r
+                for r in self._state.requests
+                if (invoice is None or r.invoice == invoice)
+                and (endpoint is None or r.endpoint == endpoint)
+            ]
+
+    def emails(self, invoice: str) -> list[dict[str, Any]]:
+        """Emails actually queued for ``invoice`` (what a customer would receive)."""
+        with self._lock:
+            return list(self._state.emails.get(invoice, []))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._state.scripts.clear()
+            self._state.requests.clear()
+            self._state.emails.clear()
+            self._state.idempotency.clear()
+            self._state.missing.clear()
+
+    # -- request handling (called from handler threads) ----------------------------------
+
+    def _handle(self, handler: _Handler, method: str) -> None:
+        path = handler.path.split("?", 1)[0]
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        if path.startswith("/_sandbox/"):
+            self._control(handler, method, path, body)
+            return
+        endpoint, invoice = _route(method, path)
+        with self._lock:
+            self._state.requests.append(
+                RecordedRequest(
+                    method=method,
+                    path=path,
+                    headers={k.lower(): v for k, v in handler.headers.items()},
+                    body=body,
+                    at=time.time(),
+                    endpoint=endpoint or "unknown",
+                    invoice=invoice,
+                )
+            )
+            fault = self._next_fault(invoice, endpoint)
+            latency = self._state.latency
+        if latency or (fault and fault.delay):
+            time.sleep(latency + (fault.delay if fault else 0.0))
+        if fault is not None and fault.drop:
+            if fault.then_succeed:
+                self._effect(endpoint, invoice, handler)  # the email goes; the answer is lost
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault is not None and fault.then_succeed:
+            self._effect(endpoint, invoice, handler)
+            self._send_fault(handler, endpoint, invoice, fault)
+            return
+        if fault is not None:
+            self._send_fault(handler, endpoint, invoice, fault)
+            return
+        self._answer_normally(handler, endpoint, invoice, body)
+
+    def _next_fault(self, invoice: str | None, endpoint: str | None) -> Fault | None:
+        if invoice is None or endpoint is None:
+            return None
+        script = self._state.scripts.get((invoice, endpoint))
+        if script:
+            return script.pop(0)
+        roll = self._rng.random()
+        for status, rate in sorted(self._state.failure_rates.items()):
+            if roll < rate:
+                return Fault(status=status, retry_after="1" if status == 429 else None)
+            roll -= rate
+        return None
+
+    def _answer_normally(
+        self, handler: _Handler, endpoint: str | None, invoice: str | None, body: bytes
+    ) -> None:
+        if endpoint in ("resend", "email_info") and handler.path.startswith(HOSTUP_PREFIX):
+            self._hostup(handler, endpoint, invoice, body)
+        elif endpoint == "resend" and handler.path.startswith(ABILLIFY_PREFIX):
+            self._abillify(handler, invoice)
+        else:
+            _problem(handler, 404, "not_found", "The requested resource could not be found.")
+
+    def _hostup(self, handler: _Handler, endpoint: str, invoice: str | None, body: bytes) -> None:
+        auth = handler.headers.get("Authorization", "")
+        if auth != f"Bearer {self._state.api_key}":
+            _problem(handler, 401, "unauthorized", "Authentication is required.")
+            return
+        scope = "write:billing" if endpoint == "resend" else "read:billing"
+        if scope not in self._state.scopes:
+            _problem(
+                handler,
+                403,
+                "forbidden",
+                "The caller lacks a required scope or does not own the resource.",
+            )
+            return
+        if invoice is None or not _INVOICE_ID.match(invoice) or invoice in self._state.missing:
+            _problem(handler, 404, "not_found", "The requested resource could not be found.")
+            return
+        if endpoint == "resend":
+            if body:
+                _problem(
+                    handler,
+                    400,
+                    "invalid_request",
+                    "The request body failed validation.",
+                    errors=[
+                        {
+                            "pointer": "/",
+                            "detail": "The request body must be empty.",
+                            "code": "invalid_request",
+                        }
+                    ],
+                )
+                return
+            with self._lock:
+                sent = len(self._state.emails.get(invoice, []))
+                limit = self._state.resend_limit
+            if limit is not None and sent >= limit:
+                _send_rate_limited_resend(handler, invoice, 86400)
+                return
+            email = self._effect("resend", invoice, handler)
+            _json(handler, 200, {"queuedAt": email["createdAt"], "email": email["to"]})
+            return
+        with self._lock:
+            emails = [
+                {k: v for k, v in e.items() if k in _EMAIL_INFO_FIELDS}
+                for e in self._state.emails.get(invoice, [])
+            ]
+        _json(handler, 200, {"emails": emails, "currentTargets": DEFAULT_TARGETS})
+
+    def _abillify(self, handler: _Handler, invoice: str | None) -> None:
+        expected = base64.b64encode(
+            f"{self._state.abillify_user}:{self._state.abillify_password}".encode()
+        ).decode()
+        if handler.headers.get("Authorization", "") != f"Basic {expected}":
+            _abillify_error(handler, 401, "ERR_UNAUTHORIZED", "Unauthorized")
+            return
+        if invoice is None or invoice in self._state.missing:
+            _abillify_error(handler, 404, "ERR_NOT_FOUND", "Invoice not found")
+            return
+        key = handler.headers.get("Idempotency-Key")
+        now = time.time()
+        if key:
+            with self._lock:
+                kept = self._state.idempotency.get(key)
+            if kept is not None and now - kept[0] < 24 * 3600:
+                _raw(handler, kept[1], kept[2], "application/json")
+                return
+        email = self._effect("resend", invoice, handler)
+        payload = json.dumps({"job": email["jobId"], "result": "OK", "resultcode": "0"}).encode()
+        if key:
+            with self._lock:
+                self._state.idempotency[key] = (now, 200, payload)
+        _raw(handler, 200, payload, "application/json")
+
+    def _effect(
+        self, endpoint: str | None, invoice: str | None, handler: _Handler
+    ) -> dict[str, Any]:
+        """Queue an email: the thing a customer notices, counted per invoice."""
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        with self._lock:
+            self._state.jobs += 1
+            email = {
+                "to": DEFAULT_TARGETS["to"],
+                "ccRecipients": list(DEFAULT_TARGETS["ccRecipients"]),
+                "status": "queued",
+                "deliveryStatus": None,
+                "sentAt": None,
+                "createdAt": now,
+                "jobId": str(self._state.jobs),
+                "idempotencyKey": handler.headers.get("Idempotency-Key"),
+            }
+            self._state.emails.setdefault(invoice or "", []).append(email)
+        return email
+
+    def _send_fault(
+        self, handler: _Handler, endpoint: str | None, invoice: str | None, fault: Fault
+    ) -> None:
+        status = fault.status or 500
+        headers: dict[str, str] = {}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = fault.retry_after
+        if fault.rate_limit_reset is not None:
+            headers["X-RateLimit-Reset"] = fault.rate_limit_reset
+        if status == 429:
+            headers.setdefault("X-RateLimit-Limit", "60")
+            headers.setdefault("X-RateLimit-Remaining", "0")
+        if fault.body is not None:
+            _raw(handler, status, fault.body.encode(), fault.content_type or "text/html", headers)
+            return
+        if handler.path.startswith(ABILLIFY_PREFIX):
+            _abillify_error(
+                handler,
+                status,
+                fault.code or _ABILLIFY_TYPES.get(status, "ERR_INTERNAL"),
+                _TITLES.get(status, "Error"),
+                headers,
+            )
+            return
+        if status == 429 and endpoint == "resend" and fault.retry_after_seconds is not None:
+            _send_rate_limited_resend(handler, invoice or "", fault.retry_after_seconds, headers)
+            return
+        code = fault.code or _CODES.get(status, "internal_error")
+        _problem(handler, status, code, _TITLES.get(status, "Error"), headers=headers)
+
+    def _control(self, handler: _Handler, method: str, path: str, body: bytes) -> None:
+        if method == "GET" and path == "/_sandbox/requests":
+            _json(handler, 200, [r.to_dict() for r in self.requests()])
+        elif method == "POST" and path == "/_sandbox/script":
+            doc = json.loads(body)
+            self.script(doc["invoice"], doc["endpoint"], [Fault(**f) for f in doc["faults"]])
+            _json(handler, 200, {"ok": True})
+        elif method == "POST" and path == "/_sandbox/configure":
+            doc = json.loads(body)
+            rates = doc.get("failure_rates")
+            self.configure(
+                latency=doc.get("latency"),
+                failure_rates={int(k): v for k, v in rates.items()} if rates is not None else None,
+            )
+            _json(handler, 200, {"ok": True})
+        elif method == "POST" and path == "/_sandbox/reset":
+            self.reset()
+            _json(handler, 200, {"ok": True})
+        else:
+            _json(handler, 404, {"error": "unknown control endpoint"})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    sandbox: Sandbox
+
+    def do_GET(self) -> None:
+        self.sandbox._handle(self, "GET")
+
+    def do_POST(self) -> None:
+        self.sandbox._handle(self, "POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests and the demo read the recorded requests instead."""
+
+
+_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+_TITLES = {
+    400: "The request body failed validation.",
+    401: "Authentication is required.",
+    403: "The caller lacks a required scope or does not own the resource.",
+    404: "The requested resource could not be found.",
+    429: "Too many requests. Retry after the limit resets.",
+    500: "An unexpected error occurred. Retry later or contact support if the issue persists.",
+    502: "Bad gateway.",
+    503: "Service unavailable.",
+    504: "Gateway timeout.",
+}
+_ABILLIFY_TYPES = {
+    400: "ERR_INVALID_VALUE",
+    401: "ERR_UNAUTHORIZED",
+    403: "ERR_FORBIDDEN",
+    404: "ERR_NOT_FOUND",
+    429: "ERR_RATE_LIMIT",
+    500: "ERR_INTERNAL",
+    503: "ERR_UNAVAILABLE",
+}
+
+
+def _route(method: str, path: str) -> tuple[str | None, str | None]:
+    for pattern, endpoint, verb in (
+        (_HOSTUP_RESEND, "resend", "POST"),
+        (_HOSTUP_EMAIL_INFO, "email_info", "GET"),
+        (_ABILLIFY_RESEND, "resend", "POST"),
+    ):
+        match = pattern.match(path)
+        if match and method == verb:
+            return endpoint, unquote(match.group(1))
+    return None, None
+
+
+def _problem(
+    handler: _Handler,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, str]] | None = None,
+) -> None:
+    doc: dict[str, Any] = {
+        "type": f"https://developer.hostup.se/errors/{code}",
+        "title": detail.split(".")[0],
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "instance": handler.path,
+        "requestId": f"req_{random.getrandbits(64):016x}",
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+    if errors:
+        doc["errors"] = errors
+    _raw(handler, status, json.dumps(doc).encode(), "application/problem+json", headers)
+
+
+def _send_rate_limited_resend(
+    handler: _Handler, invoice: str, seconds: float, headers: dict[str, str] | None = None
+) -> None:
+    doc = {
+        "type": "https://developer.hostup.se/errors/rate_limited",
+        "title": "Too many requests",
+        "status": 429,
+        "detail": "Maximum resend limit reached. Try again later.",
+        "code": "rate_limited",
+        "instance": f"/api/v2/billing/invoices/{invoice}/actions/resend-email",
+        "recovery": {"action": "retry_after", "retryAfterSeconds": seconds},
+    }
+    _raw(handler, 429, json.dumps(doc).encode(), "application/problem+json", headers)
+
+
+def _abillify_error(
+    handler: _Handler,
+    status: int,
+    error_type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    doc = {
+        "code": status,
+        "details": [{"error": message, "fields": [], "hint": ""}],
+        "message": message,
+        "name": "ClientError" if status < 500 else "ServerError",
+        "type": error_type,
+    }
+    _raw(handler, status, json.dumps(doc).encode(), "application/json", headers)
+
+
+def _json(handler: _Handler, status: int, doc: Any) -> None:
+    _raw(handler, status, json.dumps(doc).encode(), "application/json")
+
+
+def _raw(
+    handler: _Handler,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)

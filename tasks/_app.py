@@ -1,0 +1,96 @@
+"""The Celery app, configured from a Settings object alone.
+
+Every setting that differs from Celery's default says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from settings import Settings
+from tasks._runtime import Runtime
+
+__all__ = ["TASK_QUEUE", "InvoiceMailerCelery", "create_app"]
+
+TASK_QUEUE = "invoice-mailer.tasks"
+
+
+class InvoiceMailerCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries its settings and per-process runtime."""
+
+    settings: Settings
+    runtime: Runtime
+
+
+def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMailerCelery:
+    app = InvoiceMailerCelery(main, set_as_current=False)
+    app.settings = settings
+    app.runtime = Runtime(settings)
+    memory = settings.celery_broker_url.startswith("memory://")
+    task_exchange = Exchange(TASK_QUEUE, type="topic", durable=True)
+    app.conf.update(
+        broker_url=settings.celery_broker_url,
+        # Keep trying when the broker is not up yet at start (deploys, reboots).
+        broker_connection_retry_on_startup=True,
+        # Without confirms a broker-side reject (memory/disk alarm) is silent (celery#5410).
+        broker_transport_options=(
+            {"polling_interval": 0.05} if memory else {"confirm_publish": True}
+        ),
+        # Ack after the task ran, and requeue if the worker dies: a killed worker
+        # must not lose the event (celery#1628). The pipeline is idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message per thread: a deep prefetch hides work from other workers.
+        worker_prefetch_multiplier=1,
+        # A quorum queue on a topic exchange: Celery's native delayed delivery then
+        # parks retries in RabbitMQ's delay queues, not in a worker's memory.
+        task_queues=[
+            Queue(
+                TASK_QUEUE,
+                task_exchange,
+                routing_key=TASK_QUEUE,
+                durable=True,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+        ],
+        task_default_queue=TASK_QUEUE,
+        task_default_exchange=TASK_QUEUE,
+        task_default_exchange_type="topic",
+        task_default_routing_key=TASK_QUEUE,
+        task_create_missing_queues=False,  # a typo in a queue name is a bug, not a new queue
+        # The work is HTTP and broker round-trips: threads share one HTTP pool per
+        # process, need no monkey-patching (unlike gevent) and fork nothing.
+        worker_pool="threads",
+        worker_concurrency=32,
+        # Outcomes are events on the bus, not results: no result backend to run.
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        # Flower shows tasks only when workers send events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Our logging configuration stays ours.
+        worker_hijack_root_logger=False,
+        # A task still running when the broker connection drops will be redelivered
+        # anyway (late ack); stopping it early avoids two workers racing on it.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        enable_utc=True,
+    )
+    # The raw-event consumer, by name: consumers depend on tasks, not the reverse.
+    app.steps["consumer"].add("consumers:ReissuedEventConsumer")
+    from tasks import pipeline
+
+    pipeline.register(app)
+    return app
+
+
+@signals.worker_shutdown.connect
+def _close_runtime(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    runtime = getattr(app, "runtime", None)
+    if isinstance(runtime, Runtime):
+        runtime.close()

@@ -1,0 +1,85 @@
+"""Per-process resources: one HTTP client, one publisher, one pipeline.
+
+Built on first use in the process that uses them (after any fork), closed at
+worker shutdown. Nothing here exists at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import httpx
+
+from invoice_mailer.billing import BillingProvider, HostUpClient, build_http_client
+from invoice_mailer.pipeline import Pipeline
+from invoice_mailer.publisher import EventPublisher
+from settings import Settings
+
+__all__ = ["Runtime"]
+
+
+def build_provider(settings: Settings, http: httpx.Client) -> BillingProvider:
+    """The configured provider's client."""
+    if settings.billing_provider == "hostup":
+        assert settings.hostup_api_key is not None  # enforced by Settings
+        return HostUpClient(
+            http=http,
+            base_url=str(settings.hostup_api_base_url),
+            api_key=settings.hostup_api_key.get_secret_value(),
+        )
+    raise NotImplementedError(f"provider {settings.billing_provider!r} is not built yet")
+
+
+class Runtime:
+    """Lazily built, per-process, thread-safe holder of the worker's resources."""
+
+    def __init__(self, settings: Settings, *, max_connections: int = 100) -> None:
+        self.settings = settings
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._http: httpx.Client | None = None
+        self._publisher: EventPublisher | None = None
+        self._pipeline: Pipeline | None = None
+
+    @property
+    def publisher(self) -> EventPublisher:
+        self._ensure()
+        assert self._publisher is not None
+        return self._publisher
+
+    @property
+    def pipeline(self) -> Pipeline:
+        self._ensure()
+        assert self._pipeline is not None
+        return self._pipeline
+
+    def close(self) -> None:
+        with self._lock:
+            if self._http is not None:
+                self._http.close()
+            if self._publisher is not None:
+                self._publisher.close()
+            self._http = self._publisher = self._pipeline = None
+            self._pid = None
+
+    def _ensure(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # After a fork the parent's sockets are not ours: build anew, never reuse.
+            self._http = build_http_client(
+                self.settings.http_config(max_connections=self._max_connections)
+            )
+            self._publisher = EventPublisher.connect(
+                self.settings.celery_broker_url, self.settings.topology()
+            )
+            self._pipeline = Pipeline(
+                provider=build_provider(self.settings, self._http),
+                publisher=self._publisher,
+                policy=self.settings.retry_policy(),
+            )
+            self._pid = os.getpid()

@@ -1,0 +1,41 @@
+"""The pipeline task: a thin adapter from Celery to ``invoice_mailer.pipeline``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from invoice_mailer.pipeline import Done, GaveUp, Job, RetryLater
+
+if TYPE_CHECKING:
+    from tasks._app import InvoiceMailerCelery
+
+__all__ = ["TASK_NAME", "job_repr", "register"]
+
+# Reads as what it does in Flower and in logs.
+TASK_NAME = "invoice_mailer.resend_invoice_email"
+
+
+def job_repr(job: Job) -> str:
+    """What Flower and task events show of a job: ids, never addresses."""
+    return repr({"event": job.event.event_id, "invoice": job.event.invoice})
+
+
+def register(app: InvoiceMailerCelery) -> None:
+    @app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+    def resend_invoice_email(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+        """Resend one invoice email, read where it went, publish the outcome."""
+        outcome = app.runtime.pipeline.run(Job.from_dict(job))
+        if isinstance(outcome, RetryLater):
+            raise self.retry(
+                kwargs={"job": outcome.job.to_dict()},
+                countdown=outcome.delay_seconds,
+                max_retries=None,  # the retry policy decides when to stop, not Celery
+                kwargsrepr=job_repr(outcome.job),
+            )
+        assert isinstance(outcome, Done | GaveUp)
+        return {
+            "outcome": "email_queued" if isinstance(outcome, Done) else "email_failed",
+            "event": outcome.event["id"],
+        }

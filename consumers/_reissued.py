@@ -69,13 +69,13 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             _settle(message, requeue=False)
 
     def _handle(self, message: Message) -> None:
-        body: bytes = message.body if isinstance(message.body, bytes) else message.body.encode()
+        body = raw_body(message)
         content_type = message.content_type
         settings = self.app.settings
         try:
             event = parse_reissued(body, content_type, provider=settings.billing_provider)
         except InvalidEvent as invalid:
-            self._reject_invalid(body, content_type, invalid)
+            self._reject_invalid(body, content_type, message.content_encoding, invalid)
             message.ack()
             return
         job = Job(event=event, body=body.decode("utf-8"), content_type=content_type)
@@ -92,13 +92,20 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         except Exception as exc:
             raise PublishError(f"could not publish the pipeline task: {exc!r}") from exc
 
-    def _reject_invalid(self, body: bytes, content_type: str | None, invalid: InvalidEvent) -> None:
+    def _reject_invalid(
+        self,
+        body: bytes,
+        content_type: str | None,
+        content_encoding: str | None,
+        invalid: InvalidEvent,
+    ) -> None:
         source, event_id = _readable_ids(body)
         publisher = self.app.runtime.publisher
         publisher.dead_letter(
             DeadLetter(
                 body=body,
                 content_type=content_type,
+                content_encoding=content_encoding,
                 code=invalid.code,
                 detail=invalid.detail,
                 attempts=0,
@@ -128,6 +135,18 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             "invalid event dead-lettered",
             extra={"event_id": event_id, "step": "validate", "code": invalid.code},
         )
+
+
+def raw_body(message: Message) -> bytes:
+    """The message body as the bytes that were published.
+
+    py-amqp decodes a body whose content-encoding it knows into ``str`` (and
+    leaves it as bytes when decoding fails); undo that, with the same encoding.
+    """
+    body = message.body
+    if isinstance(body, str):
+        return body.encode(message.content_encoding or "utf-8")
+    return bytes(body)
 
 
 def _readable_ids(body: bytes) -> tuple[str | None, str | None]:

@@ -34,13 +34,21 @@ _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, 
 class DeadLetter:
     """An event the service gave up on: its original body and why."""
 
-    __slots__ = ("attempts", "body", "code", "content_type", "detail")
+    __slots__ = ("attempts", "body", "code", "content_encoding", "content_type", "detail")
 
     def __init__(
-        self, *, body: bytes, content_type: str | None, code: str, detail: str, attempts: int
+        self,
+        *,
+        body: bytes,
+        content_type: str | None,
+        code: str,
+        detail: str,
+        attempts: int,
+        content_encoding: str | None = "utf-8",
     ) -> None:
         self.body = body
         self.content_type = content_type
+        self.content_encoding = content_encoding
         self.code = code
         self.detail = detail
         self.attempts = attempts
@@ -123,6 +131,7 @@ class EventPublisher:
             exchange=self._dead_letters,
             routing_key=self._topology.dead_letter_queue,
             content_type=letter.content_type or "application/octet-stream",
+            content_encoding=letter.content_encoding or "binary",
             message_id=None,
             headers=letter.headers(),
         )
@@ -144,6 +153,7 @@ class EventPublisher:
         content_type: str,
         message_id: str | None,
         headers: dict[str, Any],
+        content_encoding: str = "utf-8",
     ) -> None:
         conn_errors: tuple[type[BaseException], ...] = (
             *self._connection.connection_errors,
@@ -159,7 +169,7 @@ class EventPublisher:
                     exchange=exchange,
                     routing_key=routing_key,
                     content_type=content_type,
-                    content_encoding="binary" if content_type.endswith("octet-stream") else "utf-8",
+                    content_encoding=content_encoding,
                     delivery_mode=2,
                     mandatory=True,
                     message_id=message_id,

@@ -1,0 +1,73 @@
+"""Integration fixtures: a vhost per test, the sandbox on a free port, real worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox import Sandbox
+from tests.support.broker import Bus, fresh_vhost, require_rabbitmq
+from tests.support.worker import WorkerProcess, worker_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    require_rabbitmq()
+    with fresh_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox() as sb:
+        yield sb
+
+
+@pytest.fixture
+def bus(broker_url: str) -> Iterator[Bus]:
+    b = Bus(broker_url)
+    yield b
+    b.close()
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(
+    broker_url: str, sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[StartWorker]:
+    """Start worker processes against this test's vhost and sandbox; env overrides as kwargs."""
+    workers: list[WorkerProcess] = []
+
+    def start(*, concurrency: int = 8, wait: bool = True, **env: Any) -> WorkerProcess:
+        worker = WorkerProcess(
+            worker_env(broker_url, sandbox.url, **env), tmp_path, concurrency=concurrency
+        )
+        running = sum(1 for w in workers if w.proc is not None and w.proc.poll() is None)
+        workers.append(worker.start(wait=wait, raw_consumers=running + 1))
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()
+    failed = request.node.stash.get(_FAILED, False)
+    if failed:
+        for worker in workers:
+            print(f"--- log of {worker.name} ---\n{worker.log()}")
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True
+    return report

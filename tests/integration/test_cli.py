@@ -1,0 +1,105 @@
+"""The `invoice-mailer` command as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from sandbox import DEFAULT_API_KEY, Sandbox
+from tests.integration.conftest import StartWorker
+from tests.support.broker import Bus
+from tests.support.worker import worker_env
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_publish_reissued_puts_one_event_through_the_pipeline(
+    start_worker: StartWorker, bus: Bus, broker_url: str, sandbox: Sandbox
+) -> None:
+    """publish-reissued INVOICE: a real event on the broker, processed by a real worker."""
+    start_worker()
+    invoice = f"inv_{uuid.uuid4().hex[:12]}"
+    result = _cli(
+        "publish-reissued",
+        invoice,
+        "--event-id",
+        "evt_cli_1",
+        env=worker_env(broker_url, sandbox.url),
+    )
+    assert result.returncode == 0, result.stderr
+    published = json.loads(result.stdout)
+    assert published["data"] == {"invoiceId": invoice}
+    [event] = bus.wait_for(1)
+    assert event["data"]["reissuedEvent"] == {"id": "evt_cli_1", "source": "/billing"}
+
+
+def test_publish_reissued_without_a_worker_leaves_the_event_queued(
+    bus: Bus, broker_url: str, sandbox: Sandbox
+) -> None:
+    """With no worker yet, the event waits in its durable queue instead of vanishing."""
+    result = _cli("publish-reissued", "inv_waiting1", env=worker_env(broker_url, sandbox.url))
+    assert result.returncode == 0, result.stderr
+    assert bus.queue_depth("invoice-mailer.reissued") == 1
+
+
+def test_check_passes_against_a_reachable_broker_and_api(broker_url: str, sandbox: Sandbox) -> None:
+    """All three checks pass: exit 0, and no invoice was resent."""
+    result = _cli("check", env=worker_env(broker_url, sandbox.url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [
+        ["settings", "ok"],
+        ["broker", "ok"],
+        ["billing", "ok"],
+    ]
+    assert sandbox.requests(endpoint="resend") == []
+
+
+def test_check_exits_2_when_the_broker_is_unreachable(sandbox: Sandbox) -> None:
+    """A broker that does not answer: exit 2, the URL shown without its password."""
+    env = worker_env("amqp://guest:sekret@127.0.0.1:1//", sandbox.url)
+    result = _cli("check", env=env)
+    assert result.returncode == 2
+    assert "broker     FAILED" in result.stdout
+    assert "sekret" not in result.stdout + result.stderr
+
+
+def test_check_exits_3_when_the_api_rejects_the_key(broker_url: str, sandbox: Sandbox) -> None:
+    """Wrong API key: exit 3, credentials named as the problem, the key not printed."""
+    env = worker_env(broker_url, sandbox.url, HOSTUP_API_KEY="wrong-key-123")
+    result = _cli("check", env=env)
+    assert result.returncode == 3
+    assert "credentials rejected (401)" in result.stdout
+    assert "wrong-key-123" not in result.stdout + result.stderr
+
+
+def test_check_exits_3_when_the_api_is_down(broker_url: str) -> None:
+    """Nothing listening at the API's address: exit 3."""
+    env = worker_env(broker_url, "http://127.0.0.1:9", HOSTUP_API_KEY=DEFAULT_API_KEY)
+    result = _cli("check", env=env)
+    assert result.returncode == 3
+    assert "billing    FAILED" in result.stdout
+
+
+def test_demo_runs_every_scenario_to_its_outcome() -> None:
+    """The quick-start demo exits 0 and shows each sample event's outcome."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "HOSTUP_"))}
+    result = _cli("demo", "--quiet", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("evt_")}
+    assert set(rows) == {f"evt_demo_{n}" for n in range(1, 7)}
+    for n in (1, 2, 3, 5):
+        assert " email_queued " in rows[f"evt_demo_{n}"]
+    assert "resend: not_found (dead-lettered)" in rows["evt_demo_4"]
+    assert "validate: invalid_invoice_id (dead-lettered)" in rows["evt_demo_6"]

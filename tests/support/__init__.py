@@ -1,0 +1,1 @@
+"""Test helpers that drive the service from the outside: broker, worker processes, sandbox."""

@@ -1,0 +1,222 @@
+"""A RabbitMQ vhost per test, and a view of billing.events as downstream sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import amqp
+import pytest
+from kombu import Connection, Consumer, Exchange, Queue, binding
+
+from consumers import raw_body
+from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, EMAIL_FAILED, EMAIL_QUEUED, REISSUED
+
+BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
+EVENTS_EXCHANGE = "billing.events"
+
+
+def require_rabbitmq() -> None:
+    """Skip without RabbitMQ locally; in CI a missing broker is a failure, not a skip."""
+    try:
+        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
+            pass
+    except OSError as exc:
+        message = f"RabbitMQ is not reachable at {BROKER_HOST}:{BROKER_PORT}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to make a vhost per test")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A new vhost for one test; yields its broker URL."""
+    name = f"invoice-mailer-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}"
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+def reissued_event(
+    invoice: str,
+    *,
+    event_id: str | None = None,
+    source: str = "/billing",
+    field: str = "invoiceId",
+) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "source": source,
+        "type": REISSUED,
+        "time": "2026-11-21T10:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {field: invoice},
+    }
+
+
+@dataclass
+class DeadLetterMessage:
+    body: bytes
+    content_type: str | None
+    headers: dict[str, Any]
+
+
+class Bus:
+    """Upstream and downstream of the service: publishes raw events, captures outgoing ones."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn = Connection(url, transport_options={"confirm_publish": True})
+        self.exchange = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
+        self._capture = Queue(
+            f"test.capture.{uuid.uuid4().hex[:8]}",
+            bindings=[binding(self.exchange, routing_key=k) for k in (EMAIL_QUEUED, EMAIL_FAILED)],
+            durable=False,
+        )
+        self._channel = self.conn.channel()
+        self._capture.bind(self._channel).declare()
+        self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._consumer = Consumer(
+            self._channel, queues=[self._capture], on_message=self._on_message, no_ack=True
+        )
+        self._consumer.consume()
+        self._producer = self.conn.Producer(self.conn.channel())
+        self.received: list[dict[str, Any]] = []
+        self.received_messages: list[Any] = []
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- upstream ----------------------------------------------------------------------
+
+    def publish_raw(
+        self,
+        body: bytes,
+        *,
+        content_type: str | None = CLOUDEVENTS_CONTENT_TYPE,
+        routing_key: str = REISSUED,
+    ) -> None:
+        """Publish bytes as an upstream system would: persistent, confirmed, must route.
+
+        ``content_type=None`` sends no content-type property at all (kombu would
+        otherwise label raw bytes ``application/data``).
+        """
+        if content_type is None:
+            channel = self._producer.channel
+            channel.basic_publish(
+                amqp.Message(body, delivery_mode=2),
+                exchange=self.exchange.name,
+                routing_key=routing_key,
+                mandatory=True,
+            )
+            return
+        self._producer.publish(
+            body,
+            exchange=self.exchange,
+            routing_key=routing_key,
+            content_type=content_type,
+            content_encoding="utf-8" if content_type else None,
+            delivery_mode=2,
+            mandatory=True,
+        )
+
+    def publish_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.publish_raw(json.dumps(event).encode())
+        return event
+
+    def reissue(self, invoice: str, **kwargs: Any) -> dict[str, Any]:
+        return self.publish_event(reissued_event(invoice, **kwargs))
+
+    # -- downstream --------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        self.received_messages.append(message)
+        self._inbox.put(json.loads(raw_body(message)))
+
+    def wait_for(
+        self,
+        count: int,
+        *,
+        timeout: float = 30.0,
+        where: Callable[[dict[str, Any]], bool] = lambda e: True,
+    ) -> list[dict[str, Any]]:
+        """Block until ``count`` outgoing events matching ``where`` have arrived in all."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self._pump(0)
+            matching = [e for e in self.received if where(e)]
+            if len(matching) >= count:
+                return matching
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"expected {count} outgoing events within {timeout}s, got {len(matching)}: "
+                    f"{json.dumps(matching, indent=1)[:3000]}"
+                )
+            self._pump(min(remaining, 0.5))
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Everything that has arrived so far, after emptying the broker's buffer."""
+        self._pump(0)
+        while True:
+            message = self._capture.bind(self._channel).get(no_ack=True)
+            if message is None:
+                break
+            self._inbox.put(json.loads(message.body))
+            self._pump(0)
+        return list(self.received)
+
+    def _pump(self, timeout: float) -> None:
+        with suppress(TimeoutError):
+            self.conn.drain_events(timeout=timeout) if timeout else self._drain_nowait()
+        while not self._inbox.empty():
+            self.received.append(self._inbox.get())
+
+    def _drain_nowait(self) -> None:
+        while True:
+            try:
+                self.conn.drain_events(timeout=0.01)
+            except TimeoutError:
+                return
+
+    def dead_letters(self) -> list[DeadLetterMessage]:
+        """Take every message off the dead-letter queue."""
+        letters = []
+        with self.conn.channel() as channel:
+            q = Queue("invoice-mailer.dead-letter").bind(channel)
+            while (message := q.get(no_ack=True)) is not None:
+                letters.append(
+                    DeadLetterMessage(
+                        raw_body(message), message.content_type, dict(message.headers)
+                    )
+                )
+        return letters
+
+    def queue_depth(self, name: str) -> int:
+        """Ready messages in ``name`` (0 when it does not exist)."""
+        with self.conn.channel() as channel:
+            try:
+                return int(channel.queue_declare(name, passive=True).message_count)
+            except self.conn.channel_errors:
+                return 0

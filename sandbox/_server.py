@@ -150,7 +150,10 @@ class Sandbox:
 
     def start(self) -> Sandbox:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="billing-sandbox", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # shutdown() waits up to one poll
+            name="billing-sandbox",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -20,6 +20,7 @@ import click
 from celery.contrib.testing.worker import start_worker
 from kombu import Connection, Queue, binding
 
+from cli._table import print_table
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, EMAIL_FAILED, EMAIL_QUEUED, REISSUED
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
 from settings import load_or_exit
@@ -160,7 +161,7 @@ def _wait_for_outcomes(conn: Connection, capture: Queue, started: float) -> dict
 
 
 def _print_table(results: dict[str, Any], sandbox: Sandbox) -> None:
-    rows = [("event", "invoice", "scenario", "outcome", "POSTs", "GETs", "detail")]
+    rows = []
     for case in CASES:
         event = results.get(case.event_id)
         posts = len(sandbox.requests(invoice=case.invoice, endpoint="resend"))
@@ -182,9 +183,5 @@ def _print_table(results: dict[str, Any], sandbox: Sandbox) -> None:
         rows.append(
             (case.event_id, case.invoice, case.story, outcome, str(posts), str(gets), detail)
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     click.echo("")
-    for n, row in enumerate(rows):
-        click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
-        if n == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    print_table(("event", "invoice", "scenario", "outcome", "POSTs", "GETs", "detail"), rows)

@@ -12,6 +12,7 @@ import httpx
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
+from cli._deadletters import dead_letters
 from invoice_mailer.billing import build_http_client
 from invoice_mailer.errors import PublishError
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, REISSUED
@@ -74,6 +75,9 @@ def publish_reissued(invoice: str, event_id: str | None, source: str) -> None:
     finally:
         publisher.close()
     click.echo(json.dumps(event))
+
+
+main.add_command(dead_letters)
 
 
 @main.command()

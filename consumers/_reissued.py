@@ -20,6 +20,7 @@ from kombu.message import Message
 
 from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import EMAIL_FAILED, parse_reissued
+from invoice_mailer.messages import raw_body
 from invoice_mailer.pipeline import Job, failed_event
 from invoice_mailer.publisher import DeadLetter
 from tasks import TASK_NAME, InvoiceMailerCelery, job_repr
@@ -135,18 +136,6 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             "invalid event dead-lettered",
             extra={"event_id": event_id, "step": "validate", "code": invalid.code},
         )
-
-
-def raw_body(message: Message) -> bytes:
-    """The message body as the bytes that were published.
-
-    py-amqp decodes a body whose content-encoding it knows into ``str`` (and
-    leaves it as bytes when decoding fails); undo that, with the same encoding.
-    """
-    body = message.body
-    if isinstance(body, str):
-        return body.encode(message.content_encoding or "utf-8")
-    return bytes(body)
 
 
 def _readable_ids(body: bytes) -> tuple[str | None, str | None]:

@@ -219,7 +219,10 @@ class Pipeline:
         self, job: Job, step: str, error: BillingError, started: float
     ) -> tuple[Job, Retry | GiveUp]:
         """Apply the retry policy to a failed step; the job's history records the try."""
-        decision = decide(error, job.step_history(step), self._policy, self._rng)
+        elsewhere = sum(h.rate_limited_seconds for s, h in job.history.items() if s != step)
+        decision = decide(
+            error, job.step_history(step), self._policy, self._rng, rate_limited_elsewhere=elsewhere
+        )
         if isinstance(decision, Retry):
             outcome, wait = decision.kind, decision.delay_seconds
         else:

@@ -97,14 +97,21 @@ class GiveUp:
 
 
 def decide(
-    error: BillingError, history: StepHistory, policy: RetryPolicy, rng: random.Random
+    error: BillingError,
+    history: StepHistory,
+    policy: RetryPolicy,
+    rng: random.Random,
+    *,
+    rate_limited_elsewhere: float = 0.0,
 ) -> Retry | GiveUp:
     """The retry table: one failed attempt of a step in, what to do next out.
 
-    ``history`` is the step's history *before* this failure.
+    ``history`` is the step's history *before* this failure;
+    ``rate_limited_elsewhere`` the 429 waits the event's other steps already took,
+    since the 429 budget is per event.
     """
     if isinstance(error, RateLimited):
-        return _after_rate_limit(error, history, policy, rng)
+        return _after_rate_limit(error, history, policy, rng, rate_limited_elsewhere)
     if isinstance(error, TransientError):
         return _after_server_error(error, history, policy, rng)
     return GiveUp(
@@ -123,13 +130,17 @@ def server_error_delay(failures: int, policy: RetryPolicy, rng: random.Random) -
 
 
 def _after_rate_limit(
-    error: RateLimited, history: StepHistory, policy: RetryPolicy, rng: random.Random
+    error: RateLimited,
+    history: StepHistory,
+    policy: RetryPolicy,
+    rng: random.Random,
+    elsewhere: float,
 ) -> Retry | GiveUp:
     asked = error.retry_after if error.retry_after is not None else DEFAULT_RATE_LIMIT_WAIT_SECONDS
     jitter = rng.uniform(0, min(asked * RATE_LIMIT_JITTER_FRACTION, RATE_LIMIT_JITTER_MAX_SECONDS))
     delay = whole_seconds(asked + jitter)
     after = replace(history, attempts=history.attempts + 1)
-    if history.rate_limited_seconds + delay > policy.rate_limit_max_wait_seconds:
+    if elsewhere + history.rate_limited_seconds + delay > policy.rate_limit_max_wait_seconds:
         return GiveUp(
             status=error.status,
             code=error.code,

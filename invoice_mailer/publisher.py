@@ -9,6 +9,7 @@ and nowhere else.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = ["REASON_HEADER", "DeadLetter", "EventPublisher"]
 REASON_HEADER = "x-invoice-mailer-reason"
 REASON_CODE_HEADER = "x-invoice-mailer-reason-code"
 ATTEMPTS_HEADER = "x-invoice-mailer-attempts"
+FAILED_AT_HEADER = "x-invoice-mailer-failed-at"  # Unix time, for the age of a dead letter
 
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 
@@ -58,6 +60,7 @@ class DeadLetter:
             REASON_HEADER: f"{self.code}: {self.detail}",
             REASON_CODE_HEADER: self.code,
             ATTEMPTS_HEADER: self.attempts,
+            FAILED_AT_HEADER: round(time.time(), 3),
         }
 
 
@@ -99,6 +102,11 @@ class EventPublisher:
             connect_timeout=10,
         )
         return cls(connection, topology, pool_size=pool_size)
+
+    @property
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        """What the transport raises when the broker cannot be reached."""
+        return tuple(self._connection.connection_errors)
 
     def publish_event(self, event: Mapping[str, Any], routing_key: str) -> None:
         """Publish one CloudEvent to the events exchange; its ``id`` is the message id."""

@@ -16,6 +16,7 @@ from tasks._runtime import Runtime
 __all__ = ["TASK_QUEUE", "InvoiceMailerCelery", "create_app"]
 
 TASK_QUEUE = "invoice-mailer.tasks"
+TASK_DELIVERY_LIMIT = 10
 
 
 class InvoiceMailerCelery(Celery):  # type: ignore[misc]
@@ -31,6 +32,7 @@ def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMa
     app.runtime = Runtime(settings)
     memory = settings.celery_broker_url.startswith("memory://")
     task_exchange = Exchange(TASK_QUEUE, type="topic", durable=True)
+    topology = settings.topology()
     app.conf.update(
         broker_url=settings.celery_broker_url,
         # Keep trying when the broker is not up yet at start (deploys, reboots).
@@ -53,7 +55,15 @@ def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMa
                 task_exchange,
                 routing_key=TASK_QUEUE,
                 durable=True,
-                queue_arguments={"x-queue-type": "quorum"},
+                queue_arguments={
+                    "x-queue-type": "quorum",
+                    # A task that kills its worker every time is dead-lettered after
+                    # this many deliveries instead of looping; so is a retry Celery
+                    # could not publish (it rejects without requeue).
+                    "x-delivery-limit": TASK_DELIVERY_LIMIT,
+                    "x-dead-letter-exchange": topology.dead_letter_exchange,
+                    "x-dead-letter-routing-key": topology.dead_letter_queue,
+                },
             )
         ],
         task_default_queue=TASK_QUEUE,
@@ -82,6 +92,7 @@ def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMa
     )
     # The raw-event consumer, by name: consumers depend on tasks, not the reverse.
     app.steps["consumer"].add("consumers:ReissuedEventConsumer")
+    app.steps["consumer"].add("tasks._startup:DelayedDeliveryCheck")
     from tasks import pipeline
 
     pipeline.register(app)

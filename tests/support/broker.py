@@ -18,8 +18,8 @@ import amqp
 import pytest
 from kombu import Connection, Consumer, Exchange, Queue, binding
 
-from consumers import raw_body
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, EMAIL_FAILED, EMAIL_QUEUED, REISSUED
+from invoice_mailer.messages import raw_body
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 EVENTS_EXCHANGE = "billing.events"
@@ -213,6 +213,18 @@ class Bus:
                 )
         return letters
 
+    def delayed_messages(self) -> int:
+        """Messages parked in Celery's native delayed delivery queues (all 28 levels)."""
+        return sum(self.queue_depth(f"celery_delayed_{level}") for level in range(28))
+
+    def consumers(self, name: str) -> int:
+        """Consumers the broker counts on ``name`` (0 when it does not exist)."""
+        with self.conn.channel() as channel:
+            try:
+                return int(channel.queue_declare(name, passive=True).consumer_count)
+            except self.conn.channel_errors:
+                return 0
+
     def queue_depth(self, name: str) -> int:
         """Ready messages in ``name`` (0 when it does not exist)."""
         with self.conn.channel() as channel:
@@ -220,3 +232,14 @@ class Bus:
                 return int(channel.queue_declare(name, passive=True).message_count)
             except self.conn.channel_errors:
                 return 0
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

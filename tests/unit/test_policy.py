@@ -87,6 +87,14 @@ def test_429s_fail_once_their_waits_would_pass_the_limit() -> None:
     assert "100000" in second.detail
 
 
+def test_the_429_budget_is_shared_by_all_steps_of_an_event() -> None:
+    """Waits already spent on resend count against email-info's 429s too."""
+    policy = RetryPolicy(rate_limit_max_wait_seconds=100)
+    decision = decide(_limited(30), StepHistory(), policy, _rng(), rate_limited_elsewhere=80)
+    assert isinstance(decision, GiveUp)
+    assert isinstance(decide(_limited(30), StepHistory(), policy, _rng()), Retry)
+
+
 def test_server_errors_back_off_exponentially_within_bounds() -> None:
     """Waits grow: n-th failure waits within [base*2^(n-1)/2, base*2^(n-1)], capped."""
     history = StepHistory()

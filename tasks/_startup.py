@@ -1,0 +1,43 @@
+"""Start-up check: retries must wait in RabbitMQ, or the worker must not start.
+
+Celery's DelayedDelivery step logs and carries on when it cannot declare its
+delay queues; a worker in that state would hold every retry as an in-memory ETA,
+which RabbitMQ's consumer timeout cancels after 30 minutes. Better not to run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from kombu.transport.native_delayed_delivery import CELERY_DELAYED_DELIVERY_EXCHANGE, level_name
+
+__all__ = ["DelayedDeliveryCheck", "DelayedDeliveryMissing"]
+
+log = logging.getLogger("invoice_mailer.startup")
+
+
+class DelayedDeliveryMissing(RuntimeError):
+    """Native delayed delivery is not in place on the broker."""
+
+
+class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
+    requires = ("celery.worker.consumer.delayed_delivery:DelayedDelivery",)
+
+    def start(self, c: Any) -> None:
+        if c.connection.transport.driver_type != "amqp":
+            log.warning("broker is not RabbitMQ: retries wait in worker memory (demo only)")
+            return
+        with c.connection.channel() as channel:
+            try:
+                for level in (0, 27):
+                    channel.exchange_declare(level_name(level), "topic", passive=True)
+                    channel.queue_declare(level_name(level), passive=True)
+                channel.exchange_declare(CELERY_DELAYED_DELIVERY_EXCHANGE, "topic", passive=True)
+            except c.connection.channel_errors as exc:
+                raise DelayedDeliveryMissing(
+                    f"native delayed delivery is not set up on the broker ({exc}); "
+                    "refusing to hold retries in memory"
+                ) from exc
+        log.info("native delayed delivery in place: retries wait in RabbitMQ")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import queue
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,7 @@ CASES = (
 
 def run_demo(*, verbose: bool) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with Sandbox() as sandbox:
+    with Sandbox() as sandbox, tempfile.TemporaryDirectory() as ledger_dir:
         settings = load_or_exit(
             celery_broker_url=MEMORY_BROKER,
             billing_provider="hostup",
@@ -75,6 +76,7 @@ def run_demo(*, verbose: bool) -> int:
             retry_server_error_max_attempts=3,
             retry_server_error_base_seconds=1,
             retry_server_error_max_seconds=2,
+            ledger_url=f"sqlite:///{ledger_dir}/ledger.sqlite3",
         )
         for case in CASES:
             for endpoint, faults in case.faults:

@@ -22,7 +22,7 @@ from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import EMAIL_FAILED, parse_reissued
 from invoice_mailer.messages import raw_body
 from invoice_mailer.pipeline import Job, failed_event
-from invoice_mailer.publisher import DeadLetter
+from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
 from tasks import TASK_NAME, InvoiceMailerCelery, job_repr
 
 __all__ = ["PREFETCH", "ReissuedEventConsumer"]
@@ -79,7 +79,8 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             self._reject_invalid(body, content_type, message.content_encoding, invalid)
             message.ack()
             return
-        job = Job(event=event, body=body.decode("utf-8"), content_type=content_type)
+        replay = REPLAY_HEADER in (message.headers or {})
+        job = Job(event=event, body=body.decode("utf-8"), content_type=content_type, replay=replay)
         self._hand_off(job)
         message.ack()
         log.info(

@@ -17,6 +17,7 @@ with confirms; a dead letter is removed only after the broker confirmed its repl
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from invoice_mailer.publisher import (
     FAILED_AT_HEADER,
     REASON_CODE_HEADER,
     REASON_HEADER,
+    REPLAY_HEADER,
     EventPublisher,
 )
 from invoice_mailer.topology import Topology
@@ -126,6 +128,7 @@ class DeadLetterQueue:
                         routing_key=REISSUED,
                         content_type=entry.content_type,
                         message_id=entry.event_id,
+                        headers={REPLAY_HEADER: uuid.uuid4().hex},
                     )
                     message.ack()
         finally:

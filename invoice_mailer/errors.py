@@ -75,9 +75,9 @@ class RateLimited(BillingError):
 class TransientError(BillingError):
     """5xx, timeout or connection error: the same request may succeed later.
 
-    ``request_sent`` is True when the request may have reached the server
-    (a read timeout, a connection dropped mid-response): the call's effect is
-    then unknown, not absent.
+    ``request_sent`` is True when the request may have taken effect without an
+    answer (a read timeout, a connection dropped mid-response): the effect is
+    then unknown, not absent. An answered 5xx is taken at its word: not sent.
     """
 
     def __init__(

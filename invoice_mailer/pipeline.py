@@ -1,22 +1,30 @@
 """One ``invoice.reissued`` through its steps: resend, email-info, publish.
 
-``Pipeline.run`` does as much as it can now and returns an outcome; it never
-sleeps. A step to try later comes back as ``RetryLater`` with the job's new
-state, which the task adapter hands to the broker to hold. Because that state
-records what is done, a retry of email-info never repeats resend.
+``Pipeline.run`` first claims the event in the ledger, then does every step the
+ledger does not record as done, and returns an outcome; it never sleeps. A step
+to try later comes back as ``RetryLater`` with the job's new state, which the
+task adapter hands to the broker to hold.
+
+Exactly-once where it matters: a resend recorded in the ledger is never sent
+again; a resend whose effect is unknown (timed out after sending, or the worker
+died mid-request) is first looked for in email-info; outgoing events carry ids
+derived from the incoming event, so a re-publication after a crash is recognisable.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
-from invoice_mailer.errors import BillingError, PublishError
+from invoice_mailer.errors import BillingError, PublishError, TransientError
 from invoice_mailer.events import (
     EMAIL_FAILED,
     EMAIL_QUEUED,
@@ -24,6 +32,7 @@ from invoice_mailer.events import (
     cloud_event,
     outgoing_event_id,
 )
+from invoice_mailer.ledger import AlreadyDone, Busy, Ledger, LedgerError, Record
 from invoice_mailer.policy import (
     GiveUp,
     Retry,
@@ -35,13 +44,25 @@ from invoice_mailer.policy import (
 )
 from invoice_mailer.publisher import DeadLetter, EventPublisher
 
-__all__ = ["Done", "GaveUp", "Job", "Pipeline", "RetryLater", "idempotency_key"]
+__all__ = [
+    "Done",
+    "Duplicate",
+    "GaveUp",
+    "Job",
+    "Pipeline",
+    "RetryLater",
+    "failed_event",
+    "idempotency_key",
+]
 
 log = logging.getLogger("invoice_mailer.pipeline")
 
 RESEND = "resend"
 EMAIL_INFO = "email_info"
 PUBLISH = "publish"
+LEDGER = "ledger"
+
+Checkpoint = Callable[[str, "Job"], None]
 
 
 def idempotency_key(event: Reissued, step: str) -> str:
@@ -51,12 +72,20 @@ def idempotency_key(event: Reissued, step: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Everything a try needs: the event, its original body, and what is done."""
+    """Everything a try needs: the event, its original body, and what is done.
+
+    The ledger is the authority on effects; the job carries them between tries
+    too, with the per-step retry history the ledger does not keep.
+    """
 
     event: Reissued
     body: str
     content_type: str | None
+    replay: bool = False
+    """Re-published from the dead-letter queue: a failed event may run again."""
     resend: ResendResult | None = None
+    resend_uncertain_since: float | None = None
+    """Set when a resend was sent without a definite answer: when the first began."""
     email_info: dict[str, Any] | None = None
     email_info_error: str | None = None
     email_info_done: bool = False
@@ -76,7 +105,9 @@ class Job:
             },
             "body": self.body,
             "content_type": self.content_type,
+            "replay": self.replay,
             "resend": self.resend.to_dict() if self.resend else None,
+            "resend_uncertain_since": self.resend_uncertain_since,
             "email_info": self.email_info,
             "email_info_error": self.email_info_error,
             "email_info_done": self.email_info_done,
@@ -91,12 +122,31 @@ class Job:
             event=Reissued(event_id=event["id"], source=event["source"], invoice=event["invoice"]),
             body=data["body"],
             content_type=data.get("content_type"),
+            replay=bool(data.get("replay")),
             resend=ResendResult.from_dict(data["resend"]) if data.get("resend") else None,
+            resend_uncertain_since=data.get("resend_uncertain_since"),
             email_info=data.get("email_info"),
             email_info_error=data.get("email_info_error"),
             email_info_done=bool(data.get("email_info_done")),
             failure=data.get("failure"),
             history={s: StepHistory.from_dict(h) for s, h in data.get("history", {}).items()},
+        )
+
+    def with_record(self, record: Record) -> Job:
+        """The job as the ledger knows it: recorded effects win over carried ones."""
+        return replace(
+            self,
+            resend=record.resend,
+            resend_uncertain_since=(
+                record.resend_first_started_at
+                if record.resend_in_flight and record.resend is None
+                else None
+            ),
+            email_info=record.email_info if record.email_info_done else self.email_info,
+            email_info_error=(
+                record.email_info_error if record.email_info_done else self.email_info_error
+            ),
+            email_info_done=record.email_info_done,
         )
 
 
@@ -115,6 +165,13 @@ class GaveUp:
 
 
 @dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The event was already finished: nothing was done."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
 class RetryLater:
     """Run ``job`` again in ``delay_seconds``; the broker holds it meanwhile."""
 
@@ -124,36 +181,76 @@ class RetryLater:
     kind: str
 
 
-Outcome = Done | GaveUp | RetryLater
+Outcome = Done | GaveUp | Duplicate | RetryLater
 
 
 class Pipeline:
-    """Runs jobs against one provider and publisher. Safe to share between threads."""
+    """Runs jobs against one provider, ledger and publisher. Safe to share between threads."""
 
     def __init__(
         self,
         *,
         provider: BillingProvider,
         publisher: EventPublisher,
+        ledger: Ledger,
         policy: RetryPolicy,
+        lease_seconds: float,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self._provider = provider
         self._publisher = publisher
+        self._ledger = ledger
         self._policy = policy
+        self._lease_seconds = lease_seconds
         self._rng = rng or random.Random()
         self._clock = clock
+        self._now = wall_clock
+        self._checkpoint = checkpoint or (lambda name, job: None)
 
     def run(self, job: Job) -> Outcome:
-        """Do every step not done yet, in order, until one must wait or all are done."""
+        """Claim the event, then do every step not done yet, until one must wait."""
+        owner = uuid.uuid4().hex
+        try:
+            claim = self._ledger.claim(
+                job.event.key,
+                invoice=job.event.invoice,
+                provider=self._provider.name,
+                owner=owner,
+                lease_seconds=self._lease_seconds,
+                now=self._now(),
+                reopen_failed=job.replay,
+            )
+        except LedgerError as exc:
+            return self._ledger_unavailable(job, exc)
+        if isinstance(claim, AlreadyDone):
+            self._log(job, "claim", "duplicate", self._clock())
+            return Duplicate(claim.record)
+        if isinstance(claim, Busy):
+            delay = whole_seconds(claim.retry_in)
+            self._log(job, "claim", "busy", self._clock(), wait=delay)
+            return RetryLater(job, delay, "claim", "busy")
+        job = job.with_record(claim.record)
+        self._checkpoint("claimed", job)
+        try:
+            outcome = self._steps(job, owner)
+        except LedgerError as exc:
+            outcome = self._ledger_unavailable(job, exc)
+        if isinstance(outcome, RetryLater):
+            self._release(job, owner)
+        return outcome
+
+    def _steps(self, job: Job, owner: str) -> Outcome:
         if job.failure is not None:
             return self._publish_failure(job)
         if job.resend is None:
-            outcome = self._resend(job)
+            outcome = self._resend(job, owner)
             if not isinstance(outcome, Job):
                 return outcome
             job = outcome
+            self._checkpoint("resend_recorded", job)
         if self._provider.has_email_info and not job.email_info_done:
             outcome = self._email_info(job)
             if not isinstance(outcome, Job):
@@ -161,19 +258,74 @@ class Pipeline:
             job = outcome
         return self._publish_queued(job)
 
-    def _resend(self, job: Job) -> Job | Outcome:
+    # -- resend ----------------------------------------------------------------------------
+
+    def _resend(self, job: Job, owner: str) -> Job | Outcome:
+        if job.resend_uncertain_since is not None and self._provider.has_email_info:
+            found = self._find_uncertain_resend(job)
+            if not isinstance(found, Job) or found.resend is not None:
+                return found
+            job = found
         started = self._clock()
+        first_started = self._ledger.begin_resend(
+            job.event.key, owner=owner, now=self._now(), lease_seconds=self._lease_seconds
+        )
+        if first_started is None:  # someone else took the event over: let them finish
+            self._log(job, RESEND, "lease_lost", started, wait=1)
+            return RetryLater(job, 1, RESEND, "lease_lost")
         try:
             result = self._provider.resend(
                 job.event.invoice, idempotency_key=idempotency_key(job.event, RESEND)
             )
         except BillingError as error:
+            if isinstance(error, TransientError) and error.request_sent:
+                job = replace(job, resend_uncertain_since=first_started)
+            else:
+                self._ledger.resend_not_sent(job.event.key)
+                job = replace(job, resend_uncertain_since=None)
             job, decision = self._decide(job, RESEND, error, started)
             if isinstance(decision, Retry):
                 return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
             return self._give_up(job, RESEND, decision)
+        self._ledger.record_resend(job.event.key, result, now=self._now())
         self._log(job, RESEND, "done", started, status=200)
-        return replace(job, resend=result, history=_one_more_attempt(job, RESEND))
+        return replace(
+            job, resend=result, resend_uncertain_since=None, history=_one_more(job, RESEND)
+        )
+
+    def _find_uncertain_resend(self, job: Job) -> Job | Outcome:
+        """Did the resend whose answer we never got happen? Ask email-info first.
+
+        An email created at or after the first resend began is that resend's
+        (HostUp's body names no idempotency key). If none, the caller sends again.
+        """
+        since = job.resend_uncertain_since
+        assert since is not None
+        started = self._clock()
+        try:
+            info = self._provider.email_info(job.event.invoice)
+        except BillingError as error:
+            job, decision = self._decide(job, RESEND, error, started)
+            if isinstance(decision, Retry):
+                return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
+            return self._give_up(job, RESEND, decision)
+        email = _email_created_since(info, since)
+        if email is None:
+            self._log(job, RESEND, "uncertain_not_sent", started)
+            return job
+        result = ResendResult(queued_at=str(email["createdAt"]), email=email.get("to"))
+        self._ledger.record_resend(job.event.key, result, now=self._now())
+        self._ledger.record_email_info(job.event.key, info, None, now=self._now())
+        self._log(job, RESEND, "uncertain_was_sent", started, status=200)
+        return replace(
+            job,
+            resend=result,
+            resend_uncertain_since=None,
+            email_info=info,
+            email_info_done=True,
+        )
+
+    # -- email-info ------------------------------------------------------------------------
 
     def _email_info(self, job: Job) -> Job | Outcome:
         started = self._clock()
@@ -185,11 +337,15 @@ class Pipeline:
                 return RetryLater(job, decision.delay_seconds, EMAIL_INFO, decision.kind)
             # The email is queued already: say so, and say why we cannot say where.
             error_text = f"{decision.code}: {decision.detail}"
+            self._ledger.record_email_info(job.event.key, None, error_text, now=self._now())
             return replace(job, email_info_done=True, email_info_error=error_text)
+        self._ledger.record_email_info(job.event.key, info, None, now=self._now())
         self._log(job, EMAIL_INFO, "done", started, status=200)
         return replace(
-            job, email_info=info, email_info_done=True, history=_one_more_attempt(job, EMAIL_INFO)
+            job, email_info=info, email_info_done=True, history=_one_more(job, EMAIL_INFO)
         )
+
+    # -- publishing ------------------------------------------------------------------------
 
     def _publish_queued(self, job: Job) -> Outcome:
         assert job.resend is not None
@@ -212,23 +368,10 @@ class Pipeline:
             self._publisher.publish_event(event, EMAIL_QUEUED)
         except PublishError as exc:
             return self._retry_publish(job, exc, started)
+        self._ledger.record_published(job.event.key, event["id"], now=self._now())
         self._log(job, PUBLISH, "published", started)
+        self._checkpoint("published", job)
         return Done(event)
-
-    def _decide(
-        self, job: Job, step: str, error: BillingError, started: float
-    ) -> tuple[Job, Retry | GiveUp]:
-        """Apply the retry policy to a failed step; the job's history records the try."""
-        elsewhere = sum(h.rate_limited_seconds for s, h in job.history.items() if s != step)
-        decision = decide(
-            error, job.step_history(step), self._policy, self._rng, rate_limited_elsewhere=elsewhere
-        )
-        if isinstance(decision, Retry):
-            outcome, wait = decision.kind, decision.delay_seconds
-        else:
-            outcome, wait = "gave_up", None
-        self._log(job, step, outcome, started, status=error.status, code=error.code, wait=wait)
-        return replace(job, history={**job.history, step: decision.history}), decision
 
     def _give_up(self, job: Job, step: str, decision: GiveUp) -> Outcome:
         failure = {
@@ -268,6 +411,7 @@ class Pipeline:
             self._publisher.publish_event(event, EMAIL_FAILED)
         except PublishError as exc:
             return self._retry_publish(job, exc, started)
+        self._ledger.record_failed(job.event.key, job.failure, event["id"], now=self._now())
         self._log(job, PUBLISH, "published_failure", started, code=job.failure["code"])
         return GaveUp(event)
 
@@ -279,6 +423,38 @@ class Pipeline:
         self._log(job, PUBLISH, "publish_failed", started, code=str(exc)[:200], wait=delay)
         job = replace(job, history={**job.history, PUBLISH: history})
         return RetryLater(job, delay, PUBLISH, "publish")
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _decide(
+        self, job: Job, step: str, error: BillingError, started: float
+    ) -> tuple[Job, Retry | GiveUp]:
+        """Apply the retry policy to a failed step; the job's history records the try."""
+        elsewhere = sum(h.rate_limited_seconds for s, h in job.history.items() if s != step)
+        decision = decide(
+            error, job.step_history(step), self._policy, self._rng, rate_limited_elsewhere=elsewhere
+        )
+        if isinstance(decision, Retry):
+            outcome, wait = decision.kind, decision.delay_seconds
+        else:
+            outcome, wait = "gave_up", None
+        self._log(job, step, outcome, started, status=error.status, code=error.code, wait=wait)
+        return replace(job, history={**job.history, step: decision.history}), decision
+
+    def _ledger_unavailable(self, job: Job, exc: LedgerError) -> RetryLater:
+        """Without the ledger nothing is safe to send: wait and try again, never give up."""
+        history = job.step_history(LEDGER)
+        history = replace(history, attempts=history.attempts + 1)
+        delay = whole_seconds(server_error_delay(history.attempts, self._policy, self._rng))
+        log.error("ledger unavailable: %s", exc, extra={"event_id": job.event.event_id})
+        job = replace(job, history={**job.history, LEDGER: history})
+        return RetryLater(job, delay, LEDGER, "ledger_error")
+
+    def _release(self, job: Job, owner: str) -> None:
+        try:
+            self._ledger.release(job.event.key, owner)
+        except LedgerError:
+            log.warning("could not release the lease; it expires on its own", exc_info=True)
 
     def _log(
         self,
@@ -309,9 +485,25 @@ class Pipeline:
         )
 
 
-def _one_more_attempt(job: Job, step: str) -> dict[str, StepHistory]:
+def _one_more(job: Job, step: str) -> dict[str, StepHistory]:
     history = job.step_history(step)
     return {**job.history, step: replace(history, attempts=history.attempts + 1)}
+
+
+def _email_created_since(info: dict[str, Any], since: float) -> dict[str, Any] | None:
+    """The first email in email-info created at or after ``since`` (Unix time)."""
+    for email in info.get("emails") or []:
+        created = email.get("createdAt") if isinstance(email, dict) else None
+        if not isinstance(created, str):
+            continue
+        try:
+            when = datetime.fromisoformat(created).timestamp()
+        except ValueError:
+            continue
+        # Timestamps have millisecond precision: compare at that precision.
+        if math.floor(when * 1000) >= math.floor(since * 1000):
+            return dict(email)
+    return None
 
 
 def failed_event(

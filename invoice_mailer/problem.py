@@ -73,8 +73,13 @@ def error_for(status: int, problem: Problem, retry_after: float | None) -> Billi
             status=status, code=problem.code, detail=problem.detail, retry_after=retry_after
         )
     if status >= 500:
+        # The server answered: we take its word that nothing happened.
         return TransientError(
-            status=status, code=problem.code, detail=problem.detail, retry_after=retry_after
+            status=status,
+            code=problem.code,
+            detail=problem.detail,
+            retry_after=retry_after,
+            request_sent=False,
         )
     return Rejected(status=status, code=problem.code, detail=problem.detail)
 

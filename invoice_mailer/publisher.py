@@ -29,6 +29,8 @@ REASON_HEADER = "x-invoice-mailer-reason"
 REASON_CODE_HEADER = "x-invoice-mailer-reason-code"
 ATTEMPTS_HEADER = "x-invoice-mailer-attempts"
 FAILED_AT_HEADER = "x-invoice-mailer-failed-at"  # Unix time, for the age of a dead letter
+# On a replayed dead letter: the event may run again although it failed before.
+REPLAY_HEADER = "x-invoice-mailer-replay"
 
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 
@@ -120,7 +122,13 @@ class EventPublisher:
         )
 
     def publish_raw(
-        self, body: bytes, *, routing_key: str, content_type: str | None, message_id: str | None
+        self,
+        body: bytes,
+        *,
+        routing_key: str,
+        content_type: str | None,
+        message_id: str | None,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Publish an event body as it is (a replay, a test event) to the events exchange."""
         self._publish(
@@ -129,7 +137,7 @@ class EventPublisher:
             routing_key=routing_key,
             content_type=content_type or CLOUDEVENTS_CONTENT_TYPE,
             message_id=message_id,
-            headers={},
+            headers=headers or {},
         )
 
     def dead_letter(self, letter: DeadLetter) -> None:

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
             rate_limit_max_wait_seconds=self.retry_rate_limit_max_wait_seconds,
         )
 
+    def lease_seconds(self) -> float:
+        """How long a run may hold an event: two HTTP calls at most, plus a publish.
+
+        A worker killed mid-event holds it this long; then another run takes over.
+        """
+        return 2 * self.http_timeout_seconds + 10
+
     def topology(self) -> Topology:
         return Topology(events_exchange=self.events_exchange)
 

@@ -45,6 +45,9 @@ def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMa
         # must not lose the event (celery#1628). The pipeline is idempotent.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raised (a bug, not an API answer: those are handled) is
+        # rejected, so the task queue dead-letters it instead of acking it away.
+        task_acks_on_failure=False,
         # One message per thread: a deep prefetch hides work from other workers.
         worker_prefetch_multiplier=1,
         # A quorum queue on a topic exchange: Celery's native delayed delivery then

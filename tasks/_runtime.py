@@ -12,7 +12,8 @@ import threading
 import httpx
 
 from invoice_mailer.billing import BillingProvider, HostUpClient, build_http_client
-from invoice_mailer.pipeline import Pipeline
+from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.pipeline import Checkpoint, Pipeline
 from invoice_mailer.publisher import EventPublisher
 from settings import Settings
 
@@ -34,13 +35,21 @@ def build_provider(settings: Settings, http: httpx.Client) -> BillingProvider:
 class Runtime:
     """Lazily built, per-process, thread-safe holder of the worker's resources."""
 
-    def __init__(self, settings: Settings, *, max_connections: int = 100) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_connections: int = 100,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
         self.settings = settings
+        self.checkpoint = checkpoint
         self._max_connections = max_connections
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._http: httpx.Client | None = None
         self._publisher: EventPublisher | None = None
+        self._ledger: Ledger | None = None
         self._pipeline: Pipeline | None = None
 
     @property
@@ -48,6 +57,12 @@ class Runtime:
         self._ensure()
         assert self._publisher is not None
         return self._publisher
+
+    @property
+    def ledger(self) -> Ledger:
+        self._ensure()
+        assert self._ledger is not None
+        return self._ledger
 
     @property
     def pipeline(self) -> Pipeline:
@@ -61,7 +76,9 @@ class Runtime:
                 self._http.close()
             if self._publisher is not None:
                 self._publisher.close()
-            self._http = self._publisher = self._pipeline = None
+            if self._ledger is not None:
+                self._ledger.close()
+            self._http = self._publisher = self._ledger = self._pipeline = None
             self._pid = None
 
     def _ensure(self) -> None:
@@ -77,9 +94,13 @@ class Runtime:
             self._publisher = EventPublisher.connect(
                 self.settings.celery_broker_url, self.settings.topology()
             )
+            self._ledger = open_ledger(self.settings.ledger_url)
             self._pipeline = Pipeline(
                 provider=build_provider(self.settings, self._http),
                 publisher=self._publisher,
+                ledger=self._ledger,
                 policy=self.settings.retry_policy(),
+                lease_seconds=self.settings.lease_seconds(),
+                checkpoint=self.checkpoint,
             )
             self._pid = os.getpid()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from invoice_mailer.pipeline import Done, GaveUp, Job, RetryLater
+from invoice_mailer.pipeline import Done, Duplicate, Job, RetryLater
 
 if TYPE_CHECKING:
     from tasks._app import InvoiceMailerCelery
@@ -34,7 +34,8 @@ def register(app: InvoiceMailerCelery) -> None:
                 max_retries=None,  # the retry policy decides when to stop, not Celery
                 kwargsrepr=job_repr(outcome.job),
             )
-        assert isinstance(outcome, Done | GaveUp)
+        if isinstance(outcome, Duplicate):
+            return {"outcome": "duplicate", "event": outcome.record.outcome_event_id}
         return {
             "outcome": "email_queued" if isinstance(outcome, Done) else "email_failed",
             "event": outcome.event["id"],

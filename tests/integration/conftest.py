@@ -29,6 +29,25 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 @pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    """A fresh SQLite ledger per test (tests that need PostgreSQL override this)."""
+    return f"sqlite:///{tmp_path}/ledger.sqlite3"
+
+
+MakeEnv = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def env(broker_url: str, sandbox: Sandbox, ledger_url: str) -> MakeEnv:
+    """The environment of a worker or CLI for this test; keyword arguments override."""
+
+    def make(**overrides: Any) -> dict[str, str]:
+        return worker_env(broker_url, sandbox.url, ledger_url, **overrides)
+
+    return make
+
+
+@pytest.fixture
 def bus(broker_url: str) -> Iterator[Bus]:
     b = Bus(broker_url)
     yield b
@@ -40,15 +59,15 @@ StartWorker = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def start_worker(
-    broker_url: str, sandbox: Sandbox, tmp_path: Path, request: pytest.FixtureRequest
+    env: MakeEnv, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[StartWorker]:
     """Start worker processes against this test's vhost and sandbox; env overrides as kwargs."""
     workers: list[WorkerProcess] = []
 
-    def start(*, concurrency: int = 8, wait: bool = True, **env: Any) -> WorkerProcess:
-        worker = WorkerProcess(
-            worker_env(broker_url, sandbox.url, **env), tmp_path, concurrency=concurrency
-        )
+    def start(
+        *, concurrency: int = 8, wait: bool = True, app: str = "tasks", **overrides: Any
+    ) -> WorkerProcess:
+        worker = WorkerProcess(env(**overrides), tmp_path, concurrency=concurrency, app=app)
         running = sum(1 for w in workers if w.proc is not None and w.proc.poll() is None)
         workers.append(worker.start(wait=wait, raw_consumers=running + 1))
         return worker

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import uuid
 
-from sandbox import DEFAULT_API_KEY, Sandbox
-from tests.integration.conftest import StartWorker
+from sandbox import Sandbox
+from tests.integration.conftest import MakeEnv, StartWorker
 from tests.support.broker import Bus
-from tests.support.worker import worker_env
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -26,7 +25,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_publish_reissued_puts_one_event_through_the_pipeline(
-    start_worker: StartWorker, bus: Bus, broker_url: str, sandbox: Sandbox
+    start_worker: StartWorker, bus: Bus, env: MakeEnv
 ) -> None:
     """publish-reissued INVOICE: a real event on the broker, processed by a real worker."""
     start_worker()
@@ -36,7 +35,7 @@ def test_publish_reissued_puts_one_event_through_the_pipeline(
         invoice,
         "--event-id",
         "evt_cli_1",
-        env=worker_env(broker_url, sandbox.url),
+        env=env(),
     )
     assert result.returncode == 0, result.stderr
     published = json.loads(result.stdout)
@@ -45,18 +44,16 @@ def test_publish_reissued_puts_one_event_through_the_pipeline(
     assert event["data"]["reissuedEvent"] == {"id": "evt_cli_1", "source": "/billing"}
 
 
-def test_publish_reissued_without_a_worker_leaves_the_event_queued(
-    bus: Bus, broker_url: str, sandbox: Sandbox
-) -> None:
+def test_publish_reissued_without_a_worker_leaves_the_event_queued(bus: Bus, env: MakeEnv) -> None:
     """With no worker yet, the event waits in its durable queue instead of vanishing."""
-    result = _cli("publish-reissued", "inv_waiting1", env=worker_env(broker_url, sandbox.url))
+    result = _cli("publish-reissued", "inv_waiting1", env=env())
     assert result.returncode == 0, result.stderr
     assert bus.queue_depth("invoice-mailer.reissued") == 1
 
 
-def test_check_passes_against_a_reachable_broker_and_api(broker_url: str, sandbox: Sandbox) -> None:
+def test_check_passes_against_a_reachable_broker_and_api(env: MakeEnv, sandbox: Sandbox) -> None:
     """All three checks pass: exit 0, and no invoice was resent."""
-    result = _cli("check", env=worker_env(broker_url, sandbox.url))
+    result = _cli("check", env=env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert [line.split()[:2] for line in result.stdout.splitlines()] == [
         ["settings", "ok"],
@@ -66,28 +63,25 @@ def test_check_passes_against_a_reachable_broker_and_api(broker_url: str, sandbo
     assert sandbox.requests(endpoint="resend") == []
 
 
-def test_check_exits_2_when_the_broker_is_unreachable(sandbox: Sandbox) -> None:
+def test_check_exits_2_when_the_broker_is_unreachable(env: MakeEnv) -> None:
     """A broker that does not answer: exit 2, the URL shown without its password."""
-    env = worker_env("amqp://guest:sekret@127.0.0.1:1//", sandbox.url)
-    result = _cli("check", env=env)
+    result = _cli("check", env=env(CELERY_BROKER_URL="amqp://guest:sekret@127.0.0.1:1//"))
     assert result.returncode == 2
     assert "broker     FAILED" in result.stdout
     assert "sekret" not in result.stdout + result.stderr
 
 
-def test_check_exits_3_when_the_api_rejects_the_key(broker_url: str, sandbox: Sandbox) -> None:
+def test_check_exits_3_when_the_api_rejects_the_key(env: MakeEnv) -> None:
     """Wrong API key: exit 3, credentials named as the problem, the key not printed."""
-    env = worker_env(broker_url, sandbox.url, HOSTUP_API_KEY="wrong-key-123")
-    result = _cli("check", env=env)
+    result = _cli("check", env=env(HOSTUP_API_KEY="wrong-key-123"))
     assert result.returncode == 3
     assert "credentials rejected (401)" in result.stdout
     assert "wrong-key-123" not in result.stdout + result.stderr
 
 
-def test_check_exits_3_when_the_api_is_down(broker_url: str) -> None:
+def test_check_exits_3_when_the_api_is_down(env: MakeEnv) -> None:
     """Nothing listening at the API's address: exit 3."""
-    env = worker_env(broker_url, "http://127.0.0.1:9", HOSTUP_API_KEY=DEFAULT_API_KEY)
-    result = _cli("check", env=env)
+    result = _cli("check", env=env(HOSTUP_API_BASE_URL="http://127.0.0.1:9/api/v2"))
     assert result.returncode == 3
     assert "billing    FAILED" in result.stdout
 

@@ -20,10 +20,13 @@ RAW_QUEUE = "invoice-mailer.reissued"
 _SCRUBBED_PREFIXES = ("CELERY_", "HOSTUP_", "ABILLIFY_", "BILLING_", "RETRY_", "SENTRY_", "LEDGER_")
 
 
-def worker_env(broker_url: str, sandbox_url: str, **overrides: Any) -> dict[str, str]:
+def worker_env(
+    broker_url: str, sandbox_url: str, ledger_url: str, **overrides: Any
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
     env.update(
         CELERY_BROKER_URL=broker_url,
+        LEDGER_URL=ledger_url,
         HOSTUP_API_BASE_URL=sandbox_url + "/api/v2",
         HOSTUP_API_KEY=DEFAULT_API_KEY,
         PYTHONUNBUFFERED="1",
@@ -50,8 +53,10 @@ class WorkerProcess:
         *,
         concurrency: int = 8,
         name: str | None = None,
+        app: str = "tasks",
     ) -> None:
         self.env = env
+        self.app = app
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@test"
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
         self.concurrency = concurrency
@@ -65,7 +70,7 @@ class WorkerProcess:
                 "-m",
                 "celery",
                 "-A",
-                "tasks",
+                self.app,
                 "worker",
                 "--pool",
                 "threads",

@@ -1,0 +1,179 @@
+"""The idempotency ledger's interface: what one event has done so far, and who is on it.
+
+Keyed by the event's ``(source, id)``. A run *claims* the event with a lease before
+doing anything; a second run (a duplicate publish, a redelivery) finds the event
+done, or busy, or free to take over once the lease expired. Every effect is
+recorded as soon as it is known, so a redelivery resumes at the first step not
+done and never repeats a resend.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from invoice_mailer.billing import ResendResult
+
+__all__ = [
+    "AlreadyDone",
+    "Busy",
+    "Claim",
+    "Claimed",
+    "EventKey",
+    "Ledger",
+    "LedgerError",
+    "Record",
+]
+
+EventKey = tuple[str, str]
+"""``(source, id)`` of an incoming event."""
+
+OPEN, PUBLISHED, FAILED = "open", "published", "failed"
+
+
+class LedgerError(Exception):
+    """The ledger's database could not be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One event's row."""
+
+    source: str
+    event_id: str
+    invoice: str
+    provider: str
+    state: str
+    """``open`` (in progress), ``published`` or ``failed`` (final)."""
+    lease_owner: str | None
+    lease_expires_at: float | None
+    resend: ResendResult | None
+    resend_in_flight: bool
+    """A resend was sent and no definite answer recorded: its effect is unknown."""
+    resend_first_started_at: float | None
+    email_info: dict[str, Any] | None
+    email_info_error: str | None
+    email_info_done: bool
+    outcome_event_id: str | None
+    failure: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def final(self) -> bool:
+        return self.state in (PUBLISHED, FAILED)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__slots__}
+        data["resend"] = self.resend.to_dict() if self.resend else None
+        return data
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Record:
+        return cls(
+            source=row["source"],
+            event_id=row["event_id"],
+            invoice=row["invoice"],
+            provider=row["provider"],
+            state=row["state"],
+            lease_owner=row["lease_owner"],
+            lease_expires_at=row["lease_expires_at"],
+            resend=ResendResult.from_dict(json.loads(row["resend"])) if row["resend"] else None,
+            resend_in_flight=bool(row["resend_in_flight"]),
+            resend_first_started_at=row["resend_first_started_at"],
+            email_info=json.loads(row["email_info"]) if row["email_info"] else None,
+            email_info_error=row["email_info_error"],
+            email_info_done=bool(row["email_info_done"]),
+            outcome_event_id=row["outcome_event_id"],
+            failure=json.loads(row["failure"]) if row["failure"] else None,
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """This run holds the event's lease; ``record`` says what is done already."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyDone:
+    """The event reached a final state before: a duplicate, to be skipped."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another run holds a live lease; try again in ``retry_in`` seconds."""
+
+    retry_in: float
+
+
+Claim = Claimed | AlreadyDone | Busy
+
+
+class Ledger(Protocol):
+    """Both backends (SQLite, PostgreSQL) implement exactly this."""
+
+    def claim(
+        self,
+        key: EventKey,
+        *,
+        invoice: str,
+        provider: str,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+        reopen_failed: bool = False,
+    ) -> Claim:
+        """Take the event's lease, atomically. ``reopen_failed`` lets a replay retry
+        an event that had failed (a published one stays done)."""
+        ...
+
+    def begin_resend(
+        self, key: EventKey, *, owner: str, now: float, lease_seconds: float
+    ) -> float | None:
+        """Mark a resend as in flight and renew the lease, if this run still holds it.
+
+        Returns when the event's first resend started (Unix time), or None when the
+        lease is lost and the resend must not be sent.
+        """
+        ...
+
+    def resend_not_sent(self, key: EventKey) -> None:
+        """The last resend got a definite answer without effect (an error response)."""
+        ...
+
+    def record_resend(self, key: EventKey, result: ResendResult, *, now: float) -> None: ...
+
+    def record_email_info(
+        self, key: EventKey, info: dict[str, Any] | None, error: str | None, *, now: float
+    ) -> None: ...
+
+    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> None: ...
+
+    def record_failed(
+        self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
+    ) -> None: ...
+
+    def release(self, key: EventKey, owner: str) -> None:
+        """Give the lease back (before a retry waits in the broker)."""
+        ...
+
+    def find(self, event_id: str) -> list[Record]:
+        """Every record with this event id (any source)."""
+        ...
+
+    def prune(self, *, older_than: float) -> int:
+        """Delete final records last updated before ``older_than`` (Unix time)."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Records per state."""
+        ...
+
+    def close(self) -> None: ...

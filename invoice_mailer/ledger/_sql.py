@@ -1,0 +1,229 @@
+"""The ledger in SQL, shared by both backends; each backend only runs statements.
+
+Every write is one statement, so each is atomic on its own: the claim is a single
+conditional ``UPDATE ... RETURNING`` that at most one run can win, never a read
+followed by a write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+from invoice_mailer.billing import ResendResult
+from invoice_mailer.ledger._base import (
+    FAILED,
+    OPEN,
+    PUBLISHED,
+    AlreadyDone,
+    Busy,
+    Claim,
+    Claimed,
+    EventKey,
+    Record,
+)
+
+TABLE = "invoice_mailer_ledger"
+
+# Ordered; never edit one that has shipped, add the next.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            f"""CREATE TABLE {TABLE} (
+                source TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                invoice TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                state TEXT NOT NULL,
+                lease_owner TEXT,
+                lease_expires_at DOUBLE PRECISION,
+                resend TEXT,
+                resend_in_flight INTEGER NOT NULL DEFAULT 0,
+                resend_first_started_at DOUBLE PRECISION,
+                email_info TEXT,
+                email_info_error TEXT,
+                email_info_done INTEGER NOT NULL DEFAULT 0,
+                outcome_event_id TEXT,
+                failure TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (source, event_id)
+            )""",
+            f"CREATE INDEX {TABLE}_event_id ON {TABLE} (event_id)",
+            f"CREATE INDEX {TABLE}_state_updated ON {TABLE} (state, updated_at)",
+        ],
+    ),
+]
+SCHEMA_TABLE = "invoice_mailer_schema"
+
+_KEY = "source = :source AND event_id = :event_id"
+
+
+class SqlLedger(ABC):
+    """Ledger operations as SQL with ``:name`` parameters."""
+
+    @abstractmethod
+    def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run one statement in its own transaction; rows it returned, if any."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def claim(
+        self,
+        key: EventKey,
+        *,
+        invoice: str,
+        provider: str,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+        reopen_failed: bool = False,
+    ) -> Claim:
+        params = {
+            **_key(key),
+            "invoice": invoice,
+            "provider": provider,
+            "owner": owner,
+            "now": now,
+            "expires": now + lease_seconds,
+        }
+        self._execute(
+            f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
+                    created_at, updated_at)
+                VALUES (:source, :event_id, :invoice, :provider, '{OPEN}', :now, :now)
+                ON CONFLICT (source, event_id) DO NOTHING""",
+            params,
+        )
+        if reopen_failed:
+            self._execute(
+                f"""UPDATE {TABLE} SET state = '{OPEN}', failure = NULL,
+                        outcome_event_id = NULL, updated_at = :now
+                    WHERE {_KEY} AND state = '{FAILED}'""",
+                params,
+            )
+        rows = self._execute(
+            f"""UPDATE {TABLE} SET lease_owner = :owner, lease_expires_at = :expires,
+                    updated_at = :now
+                WHERE {_KEY} AND state = '{OPEN}'
+                  AND (lease_owner IS NULL OR lease_expires_at <= :now OR lease_owner = :owner)
+                RETURNING *""",
+            params,
+        )
+        if rows:
+            return Claimed(Record.from_row(rows[0]))
+        record = self._get(key)
+        if record is None or record.final:
+            return AlreadyDone(record) if record else Busy(retry_in=1.0)
+        return Busy(retry_in=max(1.0, (record.lease_expires_at or now) - now))
+
+    def begin_resend(
+        self, key: EventKey, *, owner: str, now: float, lease_seconds: float
+    ) -> float | None:
+        rows = self._execute(
+            f"""UPDATE {TABLE} SET resend_in_flight = 1,
+                    resend_first_started_at = COALESCE(resend_first_started_at, :now),
+                    lease_expires_at = CASE WHEN :expires > lease_expires_at
+                        THEN :expires ELSE lease_expires_at END,
+                    updated_at = :now
+                WHERE {_KEY} AND lease_owner = :owner AND state = '{OPEN}'
+                RETURNING resend_first_started_at""",
+            {**_key(key), "owner": owner, "now": now, "expires": now + lease_seconds},
+        )
+        return float(rows[0]["resend_first_started_at"]) if rows else None
+
+    def resend_not_sent(self, key: EventKey) -> None:
+        self._execute(f"UPDATE {TABLE} SET resend_in_flight = 0 WHERE {_KEY}", _key(key))
+
+    def record_resend(self, key: EventKey, result: ResendResult, *, now: float) -> None:
+        self._execute(
+            f"""UPDATE {TABLE} SET resend = :resend, resend_in_flight = 0, updated_at = :now
+                WHERE {_KEY}""",
+            {**_key(key), "resend": json.dumps(result.to_dict()), "now": now},
+        )
+
+    def record_email_info(
+        self, key: EventKey, info: dict[str, Any] | None, error: str | None, *, now: float
+    ) -> None:
+        self._execute(
+            f"""UPDATE {TABLE} SET email_info = :info, email_info_error = :error,
+                    email_info_done = 1, updated_at = :now
+                WHERE {_KEY}""",
+            {
+                **_key(key),
+                "info": json.dumps(info) if info is not None else None,
+                "error": error,
+                "now": now,
+            },
+        )
+
+    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> None:
+        self._finish(key, PUBLISHED, outcome_event_id, None, now)
+
+    def record_failed(
+        self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
+    ) -> None:
+        self._finish(key, FAILED, outcome_event_id, failure, now)
+
+    def release(self, key: EventKey, owner: str) -> None:
+        self._execute(
+            f"""UPDATE {TABLE} SET lease_owner = NULL, lease_expires_at = NULL
+                WHERE {_KEY} AND lease_owner = :owner""",
+            {**_key(key), "owner": owner},
+        )
+
+    def find(self, event_id: str) -> list[Record]:
+        rows = self._execute(
+            f"SELECT * FROM {TABLE} WHERE event_id = :event_id ORDER BY created_at",
+            {"event_id": event_id},
+        )
+        return [Record.from_row(r) for r in rows]
+
+    def prune(self, *, older_than: float) -> int:
+        rows = self._execute(
+            f"""DELETE FROM {TABLE}
+                WHERE state IN ('{PUBLISHED}', '{FAILED}') AND updated_at < :older_than
+                RETURNING event_id""",
+            {"older_than": older_than},
+        )
+        return len(rows)
+
+    def counts(self) -> dict[str, int]:
+        rows = self._execute(f"SELECT state, COUNT(*) AS n FROM {TABLE} GROUP BY state", {})
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def _get(self, key: EventKey) -> Record | None:
+        rows = self._execute(f"SELECT * FROM {TABLE} WHERE {_KEY}", _key(key))
+        return Record.from_row(rows[0]) if rows else None
+
+    def _finish(
+        self, key: EventKey, state: str, outcome: str, failure: dict[str, Any] | None, now: float
+    ) -> None:
+        self._execute(
+            f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome,
+                    failure = :failure, lease_owner = NULL, lease_expires_at = NULL,
+                    updated_at = :now
+                WHERE {_KEY}""",
+            {
+                **_key(key),
+                "state": state,
+                "outcome": outcome,
+                "now": now,
+                "failure": json.dumps(failure) if failure is not None else None,
+            },
+        )
+
+
+def _key(key: EventKey) -> dict[str, Any]:
+    return {"source": key[0], "event_id": key[1]}
+
+
+_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+
+def pyformat(sql: str) -> str:
+    """``:name`` placeholders as psycopg's ``%(name)s``."""
+    return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))

@@ -62,7 +62,10 @@ EMAIL_INFO = "email_info"
 PUBLISH = "publish"
 LEDGER = "ledger"
 
+BUSY_RECHECK_SECONDS = 5.0
+
 Checkpoint = Callable[[str, "Job"], None]
+"""Called with ``claimed``, ``resend_recorded`` and ``published`` as a run passes them."""
 
 
 def idempotency_key(event: Reissued, step: str) -> str:
@@ -229,7 +232,8 @@ class Pipeline:
             self._log(job, "claim", "duplicate", self._clock())
             return Duplicate(claim.record)
         if isinstance(claim, Busy):
-            delay = whole_seconds(claim.retry_in)
+            # Come back when the lease ends, or sooner: the holder may finish early.
+            delay = whole_seconds(min(claim.retry_in, BUSY_RECHECK_SECONDS))
             self._log(job, "claim", "busy", self._clock(), wait=delay)
             return RetryLater(job, delay, "claim", "busy")
         job = job.with_record(claim.record)

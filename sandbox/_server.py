@@ -46,9 +46,10 @@ _EMAIL_INFO_FIELDS = ("to", "ccRecipients", "status", "deliveryStatus", "sentAt"
 
 @dataclass(frozen=True)
 class Fault:
-    """One scripted answer. ``status=None`` with ``drop`` closes the connection unanswered."""
+    """One scripted answer: an error status, a delay, a dropped connection, or a mix."""
 
     status: int | None = 500
+    """The error to answer with; None answers as the endpoint normally would."""
     retry_after: str | None = None
     """``Retry-After`` header value (seconds or an HTTP date)."""
     retry_after_seconds: float | None = None
@@ -64,7 +65,7 @@ class Fault:
     drop: bool = False
     """Close the connection after reading the request, sending nothing."""
     then_succeed: bool = False
-    """Do the real work first (the email is queued), then answer with the fault."""
+    """Queue the email at once, then delay, drop or answer with ``status``."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,7 @@ class Sandbox:
             resend_limit=resend_limit,
         )
         handler = type("_BoundHandler", (_Handler,), {"sandbox": self})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), handler)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -251,22 +251,21 @@ class Sandbox:
             )
             fault = self._next_fault(invoice, endpoint)
             latency = self._state.latency
+        effect = None
+        if fault is not None and fault.then_succeed:
+            effect = self._effect(endpoint, invoice, handler)  # the email goes out now...
         if latency or (fault and fault.delay):
-            time.sleep(latency + (fault.delay if fault else 0.0))
+            time.sleep(latency + (fault.delay if fault else 0.0))  # ...the answer comes later
         if fault is not None and fault.drop:
-            if fault.then_succeed:
-                self._effect(endpoint, invoice, handler)  # the email goes; the answer is lost
             handler.close_connection = True
             handler.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault is not None and fault.then_succeed:
-            self._effect(endpoint, invoice, handler)
+        if fault is not None and fault.status is not None:
             self._send_fault(handler, endpoint, invoice, fault)
-            return
-        if fault is not None:
-            self._send_fault(handler, endpoint, invoice, fault)
-            return
-        self._answer_normally(handler, endpoint, invoice, body)
+        elif effect is not None:
+            _json(handler, 200, _resend_answer(effect, handler.path))
+        else:
+            self._answer_normally(handler, endpoint, invoice, body)
 
     def _next_fault(self, invoice: str | None, endpoint: str | None) -> Fault | None:
         if invoice is None or endpoint is None:
@@ -331,7 +330,7 @@ class Sandbox:
                 _send_rate_limited_resend(handler, invoice, 86400)
                 return
             email = self._effect("resend", invoice, handler)
-            _json(handler, 200, {"queuedAt": email["createdAt"], "email": email["to"]})
+            _json(handler, 200, _resend_answer(email, handler.path))
             return
         with self._lock:
             emails = [
@@ -359,7 +358,7 @@ class Sandbox:
                 _raw(handler, kept[1], kept[2], "application/json")
                 return
         email = self._effect("resend", invoice, handler)
-        payload = json.dumps({"job": email["jobId"], "result": "OK", "resultcode": "0"}).encode()
+        payload = json.dumps(_resend_answer(email, handler.path)).encode()
         if key:
             with self._lock:
                 self._state.idempotency[key] = (now, 200, payload)
@@ -437,6 +436,17 @@ class Sandbox:
             _json(handler, 404, {"error": "unknown control endpoint"})
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-answer (killed, timed out) is expected here."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     sandbox: Sandbox
@@ -482,6 +492,13 @@ _ABILLIFY_TYPES = {
     500: "ERR_INTERNAL",
     503: "ERR_UNAVAILABLE",
 }
+
+
+def _resend_answer(email: dict[str, Any], path: str) -> dict[str, Any]:
+    """The documented success body of either provider's resend."""
+    if path.startswith(ABILLIFY_PREFIX):
+        return {"job": email["jobId"], "result": "OK", "resultcode": "0"}
+    return {"queuedAt": email["createdAt"], "email": email["to"]}
 
 
 def _route(method: str, path: str) -> tuple[str | None, str | None]:

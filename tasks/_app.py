@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from invoice_mailer.pipeline import Checkpoint
 from settings import Settings
 from tasks._runtime import Runtime
 
@@ -26,10 +27,13 @@ class InvoiceMailerCelery(Celery):  # type: ignore[misc]
     runtime: Runtime
 
 
-def create_app(settings: Settings, *, main: str = "invoice_mailer") -> InvoiceMailerCelery:
+def create_app(
+    settings: Settings, *, main: str = "invoice_mailer", checkpoint: Checkpoint | None = None
+) -> InvoiceMailerCelery:
+    """The app; ``checkpoint`` observes the pipeline's progress (tests crash it there)."""
     app = InvoiceMailerCelery(main, set_as_current=False)
     app.settings = settings
-    app.runtime = Runtime(settings)
+    app.runtime = Runtime(settings, checkpoint=checkpoint)
     memory = settings.celery_broker_url.startswith("memory://")
     task_exchange = Exchange(TASK_QUEUE, type="topic", durable=True)
     topology = settings.topology()

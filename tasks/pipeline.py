@@ -23,7 +23,10 @@ def job_repr(job: Job) -> str:
 
 
 def register(app: InvoiceMailerCelery) -> None:
-    @app.task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+    # max_retries=None on the task, not on retry(): there None means "the task's default" (3).
+    @app.task(
+        bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=None
+    )
     def resend_invoice_email(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         """Resend one invoice email, read where it went, publish the outcome."""
         outcome = app.runtime.pipeline.run(Job.from_dict(job))
@@ -31,7 +34,6 @@ def register(app: InvoiceMailerCelery) -> None:
             raise self.retry(
                 kwargs={"job": outcome.job.to_dict()},
                 countdown=outcome.delay_seconds,
-                max_retries=None,  # the retry policy decides when to stop, not Celery
                 kwargsrepr=job_repr(outcome.job),
             )
         if isinstance(outcome, Duplicate):

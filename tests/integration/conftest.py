@@ -10,6 +10,7 @@ import pytest
 
 from sandbox import Sandbox
 from tests.support.broker import Bus, fresh_vhost, require_rabbitmq
+from tests.support.postgres import fresh_database, require_postgres
 from tests.support.worker import WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
@@ -32,6 +33,25 @@ def sandbox() -> Iterator[Sandbox]:
 def ledger_url(tmp_path: Path) -> str:
     """A fresh SQLite ledger per test (tests that need PostgreSQL override this)."""
     return f"sqlite:///{tmp_path}/ledger.sqlite3"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test."""
+    require_postgres()
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each ledger backend in turn, fresh."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.sqlite3"
+        return
+    require_postgres()
+    with fresh_database() as url:
+        yield url
 
 
 MakeEnv = Callable[..., dict[str, str]]

@@ -117,6 +117,18 @@ class WorkerProcess:
         finally:
             control.close()
 
+    def idle(self) -> bool:
+        """No task running or reserved, asked of the worker itself over the broker."""
+        control = Celery(broker=self.env["CELERY_BROKER_URL"], set_as_current=False)
+        try:
+            inspect = control.control.inspect(destination=[self.name], timeout=1)
+            active, reserved = inspect.active(), inspect.reserved()
+        finally:
+            control.close()
+        if not active or not reserved:  # no reply: cannot tell, so not idle
+            return False
+        return not any(active.values()) and not any(reserved.values())
+
     def stop(self, timeout: float = 60.0) -> int:
         """Warm shutdown (SIGTERM): running tasks finish first."""
         if self.proc is None or self.proc.poll() is not None:

@@ -1,0 +1,189 @@
+"""The ledger's contract, against both backends on real databases (SQLite file, PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from invoice_mailer.billing import ResendResult
+from invoice_mailer.ledger import AlreadyDone, Busy, Claim, Claimed, Ledger, open_ledger
+from tests.support.postgres import fresh_database, require_postgres
+
+KEY = ("/billing", "evt_1")
+T0 = 1_800_000_000.0
+LEASE = 30.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
+        return
+    require_postgres()
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(ledger_url)
+    yield ledger
+    ledger.close()
+
+
+def _claim(
+    ledger: Ledger, owner: str, now: float = T0, key: tuple[str, str] = KEY, **kw: bool
+) -> Claim:
+    return ledger.claim(
+        key, invoice="inv_1", provider="hostup", owner=owner, lease_seconds=LEASE, now=now, **kw
+    )
+
+
+def test_a_new_event_is_claimed_with_nothing_done(ledger: Ledger) -> None:
+    """First sight of an event: claimed, open, no effects recorded."""
+    claim = _claim(ledger, "a")
+    assert isinstance(claim, Claimed)
+    record = claim.record
+    assert (record.state, record.lease_owner, record.lease_expires_at) == ("open", "a", T0 + LEASE)
+    assert record.resend is None
+    assert not record.resend_in_flight
+    assert not record.email_info_done
+
+
+def test_a_live_lease_makes_others_wait(ledger: Ledger) -> None:
+    """A second run while the first holds the lease is told to come back later."""
+    _claim(ledger, "a")
+    claim = _claim(ledger, "b", now=T0 + 10)
+    assert isinstance(claim, Busy)
+    assert claim.retry_in == pytest.approx(LEASE - 10)
+
+
+def test_an_expired_lease_is_taken_over(ledger: Ledger) -> None:
+    """A run that died leaves a lease that expires; then another run takes over."""
+    _claim(ledger, "a")
+    claim = _claim(ledger, "b", now=T0 + LEASE + 1)
+    assert isinstance(claim, Claimed)
+    assert claim.record.lease_owner == "b"
+
+
+def test_a_released_lease_is_free_at_once(ledger: Ledger) -> None:
+    """Before a retry waits in the broker the lease is given back."""
+    _claim(ledger, "a")
+    ledger.release(KEY, "a")
+    assert isinstance(_claim(ledger, "b", now=T0 + 1), Claimed)
+
+
+def test_release_by_someone_else_changes_nothing(ledger: Ledger) -> None:
+    """Only the holder can give a lease back."""
+    _claim(ledger, "a")
+    ledger.release(KEY, "b")
+    assert isinstance(_claim(ledger, "b", now=T0 + 1), Busy)
+
+
+def test_published_events_are_done(ledger: Ledger) -> None:
+    """After publication every later delivery is a duplicate."""
+    _claim(ledger, "a")
+    ledger.record_published(KEY, "out-1", now=T0 + 1)
+    claim = _claim(ledger, "b", now=T0 + 2)
+    assert isinstance(claim, AlreadyDone)
+    assert (claim.record.state, claim.record.outcome_event_id) == ("published", "out-1")
+    assert isinstance(_claim(ledger, "c", now=T0 + 3, reopen_failed=True), AlreadyDone)
+
+
+def test_failed_events_are_done_unless_replayed(ledger: Ledger) -> None:
+    """A failed event is a duplicate, except for a replay from the dead-letter queue."""
+    _claim(ledger, "a")
+    ledger.record_failed(KEY, {"code": "not_found"}, "out-f", now=T0 + 1)
+    assert isinstance(_claim(ledger, "b", now=T0 + 2), AlreadyDone)
+    claim = _claim(ledger, "c", now=T0 + 3, reopen_failed=True)
+    assert isinstance(claim, Claimed)
+    assert (claim.record.state, claim.record.failure) == ("open", None)
+
+
+def test_resend_in_flight_is_remembered_with_its_first_start(ledger: Ledger) -> None:
+    """A resend begun but not answered stays in flight; the first start time is kept."""
+    _claim(ledger, "a")
+    assert ledger.begin_resend(KEY, owner="a", now=T0 + 1, lease_seconds=LEASE) == T0 + 1
+    assert ledger.begin_resend(KEY, owner="a", now=T0 + 5, lease_seconds=LEASE) == T0 + 1
+    claim = _claim(ledger, "b", now=T0 + 5 + LEASE + 1)
+    assert isinstance(claim, Claimed)
+    assert claim.record.resend_in_flight
+    assert claim.record.resend_first_started_at == T0 + 1
+
+
+def test_a_resend_cannot_begin_without_the_lease(ledger: Ledger) -> None:
+    """A run whose lease was taken over must not send: begin_resend says so."""
+    _claim(ledger, "a")
+    _claim(ledger, "b", now=T0 + LEASE + 1)
+    assert ledger.begin_resend(KEY, owner="a", now=T0 + LEASE + 2, lease_seconds=LEASE) is None
+
+
+def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
+    """Resend and email-info results survive to the next claim."""
+    _claim(ledger, "a")
+    ledger.begin_resend(KEY, owner="a", now=T0, lease_seconds=LEASE)
+    result = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
+    ledger.record_resend(KEY, result, now=T0 + 1)
+    ledger.record_email_info(KEY, {"emails": [], "currentTargets": None}, None, now=T0 + 2)
+    ledger.release(KEY, "a")
+    claim = _claim(ledger, "b", now=T0 + 3)
+    assert isinstance(claim, Claimed)
+    assert claim.record.resend == result
+    assert not claim.record.resend_in_flight
+    assert claim.record.email_info == {"emails": [], "currentTargets": None}
+    assert claim.record.email_info_done
+
+
+def test_find_prune_and_counts(ledger: Ledger) -> None:
+    """`ledger show` and `ledger prune`: find by id, delete only old final records."""
+    for n, state in enumerate(["published", "failed", "open"]):
+        key = ("/billing", f"evt_{n}")
+        _claim(ledger, "a", key=key)
+        if state == "published":
+            ledger.record_published(key, "o", now=T0)
+        elif state == "failed":
+            ledger.record_failed(key, {"code": "x"}, "o", now=T0)
+    assert ledger.counts() == {"published": 1, "failed": 1, "open": 1}
+    assert [r.source for r in ledger.find("evt_0")] == ["/billing"]
+    assert ledger.prune(older_than=T0 - 1) == 0
+    assert ledger.prune(older_than=T0 + 1) == 2
+    assert ledger.counts() == {"open": 1}
+
+
+def test_opening_twice_keeps_the_schema_and_the_data(ledger_url: str, ledger: Ledger) -> None:
+    """Migrations run once; a second process opening the ledger changes nothing."""
+    _claim(ledger, "a")
+    again = open_ledger(ledger_url)
+    try:
+        assert isinstance(_claim(again, "b", now=T0 + 1), Busy)
+    finally:
+        again.close()
+
+
+def test_concurrent_claims_have_exactly_one_winner(ledger: Ledger) -> None:
+    """8 threads race for each of 40 events: one Claimed per event, never two."""
+    winners: dict[int, list[str]] = {n: [] for n in range(40)}
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def race(owner: str) -> None:
+        try:
+            for n in range(40):
+                barrier.wait()
+                claim = _claim(ledger, owner, key=("/race", f"evt_{n}"))
+                if isinstance(claim, Claimed):
+                    winners[n].append(owner)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=race, args=(f"o{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(w) == 1 for w in winners.values()), winners

@@ -1,0 +1,28 @@
+"""A worker app that kills itself with SIGKILL at a chosen point of the pipeline, once.
+
+Start it as ``celery -A tests.support.crashing_app worker`` with
+``CRASH_AT`` (claimed | resend_recorded | published) and ``CRASH_MARKER`` (a file
+path: the crash happens only if it does not exist yet, so a restart runs clean).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from invoice_mailer.pipeline import Job
+from settings import load_or_exit
+from tasks import create_app
+
+_CRASH_AT = os.environ["CRASH_AT"]
+_MARKER = Path(os.environ["CRASH_MARKER"])
+
+
+def _crash_once(point: str, job: Job) -> None:
+    if point == _CRASH_AT and not _MARKER.exists():
+        _MARKER.write_text(job.event.event_id)
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup, no ack, nothing
+
+
+app = create_app(load_or_exit(), checkpoint=_crash_once)

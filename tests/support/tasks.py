@@ -1,0 +1,84 @@
+"""Following pipeline tasks through Celery's own event stream (what Flower reads).
+
+``wait_settled(n)`` returns once ``n`` tasks were handed off by the raw-event
+consumer and every task's latest event is final (succeeded or failed): nothing
+then runs or waits in the broker. A retried task keeps its id, so a parked retry
+counts as pending until it ran to the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+
+FINAL = {"task-succeeded", "task-failed", "task-rejected", "task-revoked"}
+
+
+class TaskWatcher:
+    def __init__(self, broker_url: str) -> None:
+        self._app = Celery(broker=broker_url, set_as_current=False)
+        self._lock = threading.Lock()
+        self.latest: dict[str, str] = {}
+        self.results: dict[str, Any] = {}
+        self.sent = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise AssertionError("could not subscribe to Celery events")
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind, uuid = event.get("type", ""), event.get("uuid")
+        if not kind.startswith("task-") or uuid is None:
+            return
+        with self._lock:
+            if kind == "task-sent":
+                self.sent += 1
+            if kind == "task-succeeded":
+                self.results[uuid] = event.get("result")
+            # Events of one task can arrive out of order across connections; a final
+            # state is only undone by a later receipt (a retry comes back as received).
+            previous = self.latest.get(uuid)
+            if previous in FINAL and kind in ("task-sent", "task-started"):
+                return
+            self.latest[uuid] = kind
+
+    def _run(self) -> None:
+        with self._app.connection() as conn:
+            receiver = self._app.events.Receiver(conn, handlers={"*": self._on_event})
+            ready = receiver.on_consume_ready
+
+            def on_consume_ready(*args: Any, **kwargs: Any) -> None:
+                ready(*args, **kwargs)
+                self._ready.set()  # our queue is bound: no event from now on is missed
+
+            receiver.on_consume_ready = on_consume_ready
+            self._receiver = receiver
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return [uuid for uuid, kind in self.latest.items() if kind not in FINAL]
+
+    def wait_settled(self, handed_off: int, *, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                sent = self.sent
+            pending = self.pending()
+            if sent >= handed_off and not pending:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"tasks not settled after {timeout}s: {sent}/{handed_off} handed off, "
+                    f"pending {pending[:5]}"
+                )
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(5)
+        self._app.close()

@@ -97,3 +97,26 @@ def test_demo_runs_every_scenario_to_its_outcome() -> None:
         assert " email_queued " in rows[f"evt_demo_{n}"]
     assert "resend: not_found (dead-lettered)" in rows["evt_demo_4"]
     assert "validate: invalid_invoice_id (dead-lettered)" in rows["evt_demo_6"]
+
+
+def test_ledger_show_and_prune(start_worker: StartWorker, bus: Bus, env: MakeEnv) -> None:
+    """`ledger show` prints what the ledger knows; `ledger prune` removes finished records."""
+    start_worker()
+    invoice = f"inv_{uuid.uuid4().hex[:12]}"
+    bus.reissue(invoice, event_id="evt_ledger_1")
+    [event] = bus.wait_for(1)
+
+    shown = _cli("ledger", "show", "evt_ledger_1", env=env())
+    assert shown.returncode == 0, shown.stderr
+    [record] = json.loads(shown.stdout)
+    assert record["state"] == "published"
+    assert record["invoice"] == invoice
+    assert record["outcome_event_id"] == event["id"]
+    assert record["resend"]["email"] == "billing@example.com"
+
+    kept = _cli("ledger", "prune", "--older-than", "1d", env=env())
+    assert "pruned 0 record(s)" in kept.stdout
+    pruned = _cli("ledger", "prune", "--older-than", "0s", env=env())
+    assert "pruned 1 record(s)" in pruned.stdout
+    assert _cli("ledger", "show", "evt_ledger_1", env=env()).returncode == 1
+    assert _cli("ledger", "prune", "--older-than", "soon", env=env()).returncode == 2

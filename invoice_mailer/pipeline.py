@@ -63,6 +63,8 @@ PUBLISH = "publish"
 LEDGER = "ledger"
 
 BUSY_RECHECK_SECONDS = 5.0
+# Stop trusting an Idempotency-Key this long before the API says it forgets it.
+IDEMPOTENCY_MARGIN_SECONDS = 600.0
 
 Checkpoint = Callable[[str, "Job"], None]
 """Called with ``claimed``, ``resend_recorded`` and ``published`` as a run passes them."""
@@ -265,11 +267,14 @@ class Pipeline:
     # -- resend ----------------------------------------------------------------------------
 
     def _resend(self, job: Job, owner: str) -> Job | Outcome:
-        if job.resend_uncertain_since is not None and self._provider.has_email_info:
+        uncertain = job.resend_uncertain_since
+        if uncertain is not None and self._provider.has_email_info:
             found = self._find_uncertain_resend(job)
             if not isinstance(found, Job) or found.resend is not None:
                 return found
-            job = found
+            job, uncertain = found, None  # email-info says it did not happen
+        if uncertain is not None and not job.replay and self._idempotency_key_expired(uncertain):
+            return self._give_up_uncertain(job, uncertain)
         started = self._clock()
         first_started = self._ledger.begin_resend(
             job.event.key, owner=owner, now=self._now(), lease_seconds=self._lease_seconds
@@ -284,9 +289,10 @@ class Pipeline:
         except BillingError as error:
             if isinstance(error, TransientError) and error.request_sent:
                 job = replace(job, resend_uncertain_since=first_started)
-            else:
+            elif uncertain is None:
+                # A definite answer: this POST did nothing. (It says nothing about an
+                # earlier POST whose answer was lost: that one stays uncertain.)
                 self._ledger.resend_not_sent(job.event.key)
-                job = replace(job, resend_uncertain_since=None)
             job, decision = self._decide(job, RESEND, error, started)
             if isinstance(decision, Retry):
                 return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
@@ -296,6 +302,29 @@ class Pipeline:
         return replace(
             job, resend=result, resend_uncertain_since=None, history=_one_more(job, RESEND)
         )
+
+    def _idempotency_key_expired(self, uncertain_since: float) -> bool:
+        """Has the API forgotten the key of a resend whose effect we do not know?"""
+        window = self._provider.idempotency_window_seconds
+        if window is None:
+            return False
+        return self._now() - uncertain_since > window - IDEMPOTENCY_MARGIN_SECONDS
+
+    def _give_up_uncertain(self, job: Job, since: float) -> Outcome:
+        """Sending again could send a second email and nothing can tell: stop, and let an
+        operator decide (a replay from the dead-letter queue resends)."""
+        hours = (self._now() - since) / 3600
+        decision = GiveUp(
+            status=None,
+            code="idempotency_window_passed",
+            detail=(
+                f"a resend {hours:.1f} h ago got no answer and the API keeps idempotency "
+                "keys for less; not resending blind"
+            ),
+            history=job.step_history(RESEND),
+        )
+        self._log(job, RESEND, "gave_up", self._clock(), code=decision.code)
+        return self._give_up(job, RESEND, decision)
 
     def _find_uncertain_resend(self, job: Job) -> Job | Outcome:
         """Did the resend whose answer we never got happen? Ask email-info first.

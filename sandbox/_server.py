@@ -552,6 +552,22 @@ def _send_rate_limited_resend(
     _raw(handler, 429, json.dumps(doc).encode(), "application/problem+json", headers)
 
 
+# shared/api/abillify-resend-invoice.txt, the documented 400.
+_ABILLIFY_INVALID_VALUE = {
+    "code": 400,
+    "details": [
+        {
+            "error": "Value for field 'debtor' is of wrong type, expected bigint.",
+            "fields": ["debtor"],
+            "hint": "Value must be a number or a string containing only a number.",
+        }
+    ],
+    "message": "InvalidValue, see error details",
+    "name": "ClientError",
+    "type": "ERR_INVALID_VALUE",
+}
+
+
 def _abillify_error(
     handler: _Handler,
     status: int,
@@ -559,6 +575,10 @@ def _abillify_error(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> None:
+    if error_type == "ERR_INVALID_VALUE":
+        body = json.dumps(_ABILLIFY_INVALID_VALUE).encode()
+        _raw(handler, 400, body, "application/json", headers)
+        return
     doc = {
         "code": status,
         "details": [{"error": message, "fields": [], "hint": ""}],

@@ -94,6 +94,22 @@ class Settings(BaseSettings):
             rate_limit_max_wait_seconds=self.retry_rate_limit_max_wait_seconds,
         )
 
+    def provider_options(self) -> dict[str, str]:
+        """Constructor arguments of the configured provider's client (secrets included)."""
+        if self.billing_provider == "hostup":
+            assert self.hostup_api_key is not None  # checked at load
+            return {
+                "base_url": str(self.hostup_api_base_url),
+                "api_key": self.hostup_api_key.get_secret_value(),
+            }
+        assert self.abillify_username is not None
+        assert self.abillify_password is not None
+        return {
+            "base_url": str(self.abillify_api_base_url),
+            "username": self.abillify_username,
+            "password": self.abillify_password.get_secret_value(),
+        }
+
     def lease_seconds(self) -> float:
         """How long a run may hold an event: two HTTP calls at most, plus a publish.
 

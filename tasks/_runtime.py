@@ -11,25 +11,13 @@ import threading
 
 import httpx
 
-from invoice_mailer.billing import BillingProvider, HostUpClient, build_http_client
+from invoice_mailer.billing import build_http_client, build_provider
 from invoice_mailer.ledger import Ledger, open_ledger
 from invoice_mailer.pipeline import Checkpoint, Pipeline
 from invoice_mailer.publisher import EventPublisher
 from settings import Settings
 
 __all__ = ["Runtime"]
-
-
-def build_provider(settings: Settings, http: httpx.Client) -> BillingProvider:
-    """The configured provider's client."""
-    if settings.billing_provider == "hostup":
-        assert settings.hostup_api_key is not None  # enforced by Settings
-        return HostUpClient(
-            http=http,
-            base_url=str(settings.hostup_api_base_url),
-            api_key=settings.hostup_api_key.get_secret_value(),
-        )
-    raise NotImplementedError(f"provider {settings.billing_provider!r} is not built yet")
 
 
 class Runtime:
@@ -96,7 +84,11 @@ class Runtime:
             )
             self._ledger = open_ledger(self.settings.ledger_url)
             self._pipeline = Pipeline(
-                provider=build_provider(self.settings, self._http),
+                provider=build_provider(
+                    self.settings.billing_provider,
+                    http=self._http,
+                    **self.settings.provider_options(),
+                ),
                 publisher=self._publisher,
                 ledger=self._ledger,
                 policy=self.settings.retry_policy(),

@@ -35,6 +35,7 @@ class HostUpClient:
 
     name = "hostup"
     has_email_info = True
+    idempotency_window_seconds: float | None = None  # not documented; email-info decides
 
     def __init__(self, *, http: httpx.Client, base_url: str, api_key: str) -> None:
         self._http = http

@@ -29,10 +29,13 @@ class BillingProvider(Protocol):
 
     Methods raise only ``BillingError`` subclasses. ``has_email_info`` says
     whether ``email_info`` exists; the pipeline skips that step otherwise.
+    ``idempotency_window_seconds`` is how long the API remembers an
+    ``Idempotency-Key`` (None: not promised).
     """
 
     name: str
     has_email_info: bool
+    idempotency_window_seconds: float | None
 
     def resend(self, invoice: str, *, idempotency_key: str) -> ResendResult: ...
 

@@ -1,0 +1,156 @@
+"""Pipeline decisions that need a clock: the Abillify idempotency window."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from invoice_mailer.billing import AbillifyClient, HttpConfig, build_http_client
+from invoice_mailer.events import Reissued
+from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.pipeline import Done, GaveUp, Job, Pipeline, RetryLater
+from invoice_mailer.policy import RetryPolicy
+
+URL = "https://abillify.test/api/invoices/RE-1/resendInvoice"
+HOUR = 3600.0
+
+
+class _Publisher:
+    """Records what would be published (the real one is tested against RabbitMQ)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.dead_letters: list[Any] = []
+
+    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
+        self.events.append(event)
+
+    def dead_letter(self, letter: Any) -> None:
+        self.dead_letters.append(letter)
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.sqlite3")
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with build_http_client(HttpConfig(timeout_seconds=1)) as client:
+        yield client
+
+
+def _pipeline(ledger: Ledger, http: httpx.Client, clock: _Clock, pub: _Publisher) -> Pipeline:
+    provider = AbillifyClient(
+        http=http, base_url="https://abillify.test/api", username="u", password="p"
+    )
+    return Pipeline(
+        provider=provider,
+        publisher=pub,
+        ledger=ledger,  # type: ignore[arg-type]
+        policy=RetryPolicy(server_error_base_seconds=1),
+        lease_seconds=30,
+        wall_clock=clock,
+    )
+
+
+JOB = Job(
+    event=Reissued(event_id="evt_1", source="/billing", invoice="RE-1"),
+    body="{}",
+    content_type="application/cloudevents+json",
+)
+
+
+@respx.mock
+def test_an_unanswered_resend_is_retried_with_the_same_key_within_the_window(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """Within 24 h Abillify's Idempotency-Key makes a blind retry safe: it is sent."""
+    route = respx.post(URL).mock(
+        side_effect=[
+            httpx.ReadTimeout("no answer"),
+            httpx.Response(200, json={"job": "9", "result": "OK", "resultcode": "0"}),
+        ]
+    )
+    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    pipeline = _pipeline(ledger, http, clock, pub)
+    first = pipeline.run(JOB)
+    assert isinstance(first, RetryLater)
+    clock.now += 20 * HOUR
+    second = pipeline.run(first.job)
+    assert isinstance(second, Done)
+    keys = {call.request.headers["idempotency-key"] for call in route.calls}
+    assert len(route.calls) == 2
+    assert len(keys) == 1
+    assert second.event["data"]["jobId"] == "9"
+
+
+@respx.mock
+def test_past_the_idempotency_window_an_unanswered_resend_is_not_sent_blind(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """24 h after a resend whose answer was lost, the key may be forgotten: give up
+    (email_failed, dead letter) instead of risking a second email."""
+    route = respx.post(URL).mock(
+        side_effect=[
+            httpx.ReadTimeout("no answer"),
+            httpx.Response(
+                429,
+                headers={"Retry-After": "86400"},
+                json={"code": 429, "type": "ERR_RATE_LIMIT", "message": "later"},
+            ),
+        ]
+    )
+    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    pipeline = _pipeline(ledger, http, clock, pub)
+    first = pipeline.run(JOB)
+    assert isinstance(first, RetryLater)
+    clock.now += 2
+    second = pipeline.run(first.job)  # a 429 does not settle the first POST's fate
+    assert isinstance(second, RetryLater)
+    clock.now += 24 * HOUR
+    third = pipeline.run(second.job)
+    assert isinstance(third, GaveUp)
+    assert len(route.calls) == 2
+    reason = third.event["data"]["reason"]
+    assert (reason["step"], reason["code"]) == ("resend", "idempotency_window_passed")
+    assert [d.code for d in pub.dead_letters] == ["idempotency_window_passed"]
+
+
+@respx.mock
+def test_a_replay_after_the_window_resends_on_the_operators_word(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """Replaying the dead letter is the decision to send again: it is sent."""
+    from dataclasses import replace
+
+    route = respx.post(URL).mock(
+        side_effect=[
+            httpx.ReadTimeout("no answer"),
+            httpx.Response(200, json={"job": "3", "result": "OK", "resultcode": "0"}),
+        ]
+    )
+    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    pipeline = _pipeline(ledger, http, clock, pub)
+    first = pipeline.run(JOB)
+    assert isinstance(first, RetryLater)
+    clock.now += 25 * HOUR
+    assert isinstance(pipeline.run(first.job), GaveUp)
+    replayed = pipeline.run(replace(JOB, replay=True))
+    assert isinstance(replayed, Done)
+    assert len(route.calls) == 2

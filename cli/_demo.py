@@ -77,6 +77,7 @@ def run_demo(*, verbose: bool) -> int:
             retry_server_error_base_seconds=1,
             retry_server_error_max_seconds=2,
             ledger_url=f"sqlite:///{ledger_dir}/ledger.sqlite3",
+            metrics_port=0,
         )
         for case in CASES:
             for endpoint, faults in case.faults:

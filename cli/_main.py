@@ -14,6 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from cli._deadletters import dead_letters
 from cli._ledger import ledger
+from cli._status import status
 from invoice_mailer.billing import build_http_client
 from invoice_mailer.errors import PublishError
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, REISSUED
@@ -80,6 +81,7 @@ def publish_reissued(invoice: str, event_id: str | None, source: str) -> None:
 
 main.add_command(dead_letters)
 main.add_command(ledger)
+main.add_command(status)
 
 
 @main.command()

@@ -21,6 +21,7 @@ from kombu.message import Message
 from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import EMAIL_FAILED, parse_reissued
 from invoice_mailer.messages import raw_body
+from invoice_mailer.observe import StepRecord
 from invoice_mailer.pipeline import Job, failed_event
 from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
 from tasks import TASK_NAME, InvoiceMailerCelery, job_repr
@@ -44,6 +45,15 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         self.app.settings.topology().declare(c.connection)
         super().start(c)
+        self.app.runtime.ready = True
+
+    def stop(self, c: Any) -> None:
+        self.app.runtime.ready = False
+        super().stop(c)
+
+    def shutdown(self, c: Any) -> None:
+        self.app.runtime.ready = False
+        super().shutdown(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         # Runs again on every reconnect, with a new channel: keep no channel state.
@@ -83,10 +93,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         job = Job(event=event, body=body.decode("utf-8"), content_type=content_type, replay=replay)
         self._hand_off(job)
         message.ack()
-        log.info(
-            "event received",
-            extra={"event_id": event.event_id, "invoice": event.invoice, "step": "receive"},
-        )
+        self._observe(event.event_id, event.invoice, "receive", "handed_off")
 
     def _hand_off(self, job: Job) -> None:
         try:
@@ -133,9 +140,27 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             },
         )
         publisher.publish_event(event, EMAIL_FAILED)
-        log.warning(
-            "invalid event dead-lettered",
-            extra={"event_id": event_id, "step": "validate", "code": invalid.code},
+        self._observe(
+            event_id, None, "validate", "invalid", code=invalid.code, detail=invalid.detail
+        )
+
+    def _observe(
+        self,
+        event_id: str | None,
+        invoice: str | None,
+        step: str,
+        outcome: str,
+        **fields: Any,
+    ) -> None:
+        self.app.runtime.observer.on_step(
+            StepRecord(
+                event_id=event_id,
+                invoice=invoice,
+                provider=self.app.settings.billing_provider,
+                step=step,
+                outcome=outcome,
+                **fields,
+            )
         )
 
 

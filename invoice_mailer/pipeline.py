@@ -33,6 +33,7 @@ from invoice_mailer.events import (
     outgoing_event_id,
 )
 from invoice_mailer.ledger import AlreadyDone, Busy, Ledger, LedgerError, Record
+from invoice_mailer.observe import LoggingObserver, Observer, StepRecord
 from invoice_mailer.policy import (
     GiveUp,
     Retry,
@@ -204,8 +205,10 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         checkpoint: Checkpoint | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._provider = provider
+        self._observer: Observer = observer or LoggingObserver()
         self._publisher = publisher
         self._ledger = ledger
         self._policy = policy
@@ -445,7 +448,21 @@ class Pipeline:
         except PublishError as exc:
             return self._retry_publish(job, exc, started)
         self._ledger.record_failed(job.event.key, job.failure, event["id"], now=self._now())
-        self._log(job, PUBLISH, "published_failure", started, code=job.failure["code"])
+        self._observer.on_step(
+            StepRecord(
+                event_id=job.event.event_id,
+                invoice=job.event.invoice,
+                provider=self._provider.name,
+                step=PUBLISH,
+                outcome="published_failure",
+                status=job.failure["status"],
+                code=job.failure["code"],
+                detail=job.failure["detail"],
+                failed_step=job.failure["step"],
+                attempt=attempts,
+                duration_seconds=round(self._clock() - started, 4),
+            )
+        )
         return GaveUp(event)
 
     def _retry_publish(self, job: Job, exc: PublishError, started: float) -> RetryLater:
@@ -480,6 +497,7 @@ class Pipeline:
         history = replace(history, attempts=history.attempts + 1)
         delay = whole_seconds(server_error_delay(history.attempts, self._policy, self._rng))
         log.error("ledger unavailable: %s", exc, extra={"event_id": job.event.event_id})
+        self._log(job, LEDGER, "unavailable", self._clock(), wait=delay)
         job = replace(job, history={**job.history, LEDGER: history})
         return RetryLater(job, delay, LEDGER, "ledger_error")
 
@@ -500,21 +518,19 @@ class Pipeline:
         code: str | None = None,
         wait: int | None = None,
     ) -> None:
-        log.info(
-            "step %s %s",
-            step,
-            outcome,
-            extra={
-                "event_id": job.event.event_id,
-                "invoice": job.event.invoice,
-                "step": step,
-                "attempt": job.step_history(step).attempts + 1,
-                "outcome": outcome,
-                "status": status,
-                "code": code,
-                "duration_ms": round((self._clock() - started) * 1000, 1),
-                "wait_seconds": wait,
-            },
+        self._observer.on_step(
+            StepRecord(
+                event_id=job.event.event_id,
+                invoice=job.event.invoice,
+                provider=self._provider.name,
+                step=step,
+                outcome=outcome,
+                attempt=job.step_history(step).attempts + 1,
+                status=status,
+                code=code,
+                duration_seconds=round(self._clock() - started, 4),
+                wait_seconds=wait,
+            )
         )
 
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     sentry_environment: str | None = None
     flower_basic_auth: SecretStr | None = None
+    # Beyond CONTRACT.md (operations; README "Configuration"):
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    log_format: Literal["console", "json"] = "console"
 
     @field_validator("celery_broker_url")
     @classmethod

@@ -10,9 +10,12 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from invoice_mailer.metrics import IN_FLIGHT
 from invoice_mailer.pipeline import Checkpoint
 from settings import Settings
+from tasks._logging import set_format as set_log_format
 from tasks._runtime import Runtime
+from tasks._sentry import init_sentry
 
 __all__ = ["TASK_QUEUE", "InvoiceMailerCelery", "create_app"]
 
@@ -31,6 +34,8 @@ def create_app(
     settings: Settings, *, main: str = "invoice_mailer", checkpoint: Checkpoint | None = None
 ) -> InvoiceMailerCelery:
     """The app; ``checkpoint`` observes the pipeline's progress (tests crash it there)."""
+    init_sentry(settings)
+    set_log_format(settings.log_format)
     app = InvoiceMailerCelery(main, set_as_current=False)
     app.settings = settings
     app.runtime = Runtime(settings, checkpoint=checkpoint)
@@ -100,10 +105,21 @@ def create_app(
     # The raw-event consumer, by name: consumers depend on tasks, not the reverse.
     app.steps["consumer"].add("consumers:ReissuedEventConsumer")
     app.steps["consumer"].add("tasks._startup:DelayedDeliveryCheck")
+    app.steps["worker"].add("tasks._startup:MetricsServer")
     from tasks import pipeline
 
     pipeline.register(app)
     return app
+
+
+@signals.task_prerun.connect
+def _task_started(**_: Any) -> None:
+    IN_FLIGHT.labels("task").inc()
+
+
+@signals.task_postrun.connect
+def _task_ended(**_: Any) -> None:
+    IN_FLIGHT.labels("task").dec()
 
 
 @signals.worker_shutdown.connect

@@ -13,6 +13,8 @@ import httpx
 
 from invoice_mailer.billing import build_http_client, build_provider
 from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.metrics import MetricsObserver
+from invoice_mailer.observe import LoggingObserver, Observer, Observers
 from invoice_mailer.pipeline import Checkpoint, Pipeline
 from invoice_mailer.publisher import EventPublisher
 from settings import Settings
@@ -32,6 +34,14 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
+        self.ready = False
+        """True while the raw-event consumer is consuming (readiness)."""
+        observers: list[Observer] = [LoggingObserver(), MetricsObserver()]
+        if settings.sentry_dsn is not None:
+            from tasks._sentry import SentryObserver
+
+            observers.append(SentryObserver())
+        self.observer = Observers(observers)
         self._max_connections = max_connections
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -94,5 +104,6 @@ class Runtime:
                 policy=self.settings.retry_policy(),
                 lease_seconds=self.settings.lease_seconds(),
                 checkpoint=self.checkpoint,
+                observer=self.observer,
             )
             self._pid = os.getpid()

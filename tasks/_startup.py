@@ -41,3 +41,43 @@ class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
                     "refusing to hold retries in memory"
                 ) from exc
         log.info("native delayed delivery in place: retries wait in RabbitMQ")
+
+
+class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Serves /metrics, /livez and /readyz on METRICS_PORT (0: off).
+
+    With several workers on one host only the first binds the port; give them a
+    shared PROMETHEUS_MULTIPROC_DIR and it serves all of their counters.
+    """
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._server: Any = None
+
+    def start(self, worker: Any) -> None:
+        from invoice_mailer.metrics import QueueDepthCollector, registry_for_export, serve_metrics
+        from tasks._app import TASK_QUEUE
+
+        app = worker.app
+        port = app.settings.metrics_port
+        if not port:
+            return
+        registry = registry_for_export(
+            [
+                QueueDepthCollector(
+                    app.settings.celery_broker_url, app.settings.topology(), TASK_QUEUE
+                )
+            ]
+        )
+        try:
+            self._server = serve_metrics(port, registry=registry, ready=lambda: app.runtime.ready)
+        except OSError as exc:
+            log.info("metrics not served by this process (port %s: %s)", port, exc.strerror)
+            return
+        log.info("metrics, liveness and readiness on port %s", port)
+
+    def stop(self, worker: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,193 @@
+"""Prometheus metrics: counters fed by ``StepRecord``s, queue depths read at scrape time.
+
+With several worker processes on one host, set ``PROMETHEUS_MULTIPROC_DIR`` (an
+empty directory shared by them) and every process's counters are added up by
+whichever process serves the port.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kombu.connection import Connection
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from invoice_mailer.observe import StepRecord
+from invoice_mailer.topology import Topology
+
+__all__ = ["MetricsObserver", "QueueDepthCollector", "serve_metrics"]
+
+_P = "invoice_mailer"
+EVENTS_RECEIVED = Counter(f"{_P}_events_received_total", "Raw invoice.reissued handed off")
+EVENTS_INVALID = Counter(f"{_P}_events_invalid_total", "Events refused at the door", ["code"])
+DUPLICATES = Counter(f"{_P}_duplicates_skipped_total", "Deliveries of already finished events")
+RESENDS = Counter(f"{_P}_resends_total", "Resend attempts by outcome", ["provider", "outcome"])
+RETRIES = Counter(
+    f"{_P}_retries_total", "Retries scheduled, by class (429, 5xx, transport)", ["step", "class"]
+)
+WAITS = Histogram(
+    f"{_P}_wait_seconds",
+    "Waits parked in the broker",
+    ["kind"],
+    buckets=(1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400, 172800),
+)
+GIVE_UPS = Counter(f"{_P}_give_ups_total", "Events given up", ["step", "code"])
+DEAD_LETTERS = Counter(f"{_P}_dead_letters_total", "Events dead-lettered", ["code"])
+PUBLISHED = Counter(f"{_P}_events_published_total", "Events published", ["type"])
+STEP_SECONDS = Histogram(
+    f"{_P}_step_duration_seconds",
+    "Duration of one step",
+    ["step"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+IN_FLIGHT = Gauge(
+    f"{_P}_in_flight",
+    "Messages this process holds unacknowledged",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+
+_TIMED_STEPS = frozenset({"resend", "email_info", "publish"})
+
+
+class MetricsObserver:
+    """Turns step records into counters and histograms."""
+
+    def on_step(self, r: StepRecord) -> None:
+        if r.step == "receive":
+            EVENTS_RECEIVED.inc()
+        elif r.step == "validate":
+            EVENTS_INVALID.labels(r.code or "unknown").inc()
+            DEAD_LETTERS.labels(r.code or "unknown").inc()
+            PUBLISHED.labels("invoice.email_failed").inc()
+        elif r.outcome == "duplicate":
+            DUPLICATES.inc()
+        if r.step == "resend":
+            RESENDS.labels(r.provider, r.outcome).inc()
+        if r.outcome in ("rate_limited", "server_error"):
+            kind = "429" if r.outcome == "rate_limited" else ("5xx" if r.status else "transport")
+            RETRIES.labels(r.step, kind).inc()
+        if r.wait_seconds is not None:
+            WAITS.labels(r.outcome).observe(r.wait_seconds)
+        if r.outcome == "gave_up":
+            GIVE_UPS.labels(r.step, r.code or "unknown").inc()
+        if r.outcome == "published":
+            PUBLISHED.labels("invoice.email_queued").inc()
+        if r.outcome == "published_failure":
+            PUBLISHED.labels("invoice.email_failed").inc()
+            DEAD_LETTERS.labels(r.code or "unknown").inc()
+        if r.step in _TIMED_STEPS and r.duration_seconds is not None:
+            STEP_SECONDS.labels(r.step).observe(r.duration_seconds)
+
+
+class QueueDepthCollector(Collector):
+    """Ready and parked messages per queue, asked of the broker at each scrape."""
+
+    def __init__(self, url: str, topology: Topology, task_queue: str) -> None:
+        self._url = url
+        self._queues = {
+            "reissued": topology.reissued_queue,
+            "tasks": task_queue,
+            "dead_letter": topology.dead_letter_queue,
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            f"{_P}_queue_messages", "Messages waiting in the broker", labels=["queue", "state"]
+        )
+        up = GaugeMetricFamily(f"{_P}_broker_up", "Whether the broker answered the scrape")
+        try:
+            counts = queue_depths(self._url, self._queues)
+        except Exception:
+            up.add_metric([], 0)
+        else:
+            up.add_metric([], 1)
+            for (queue, state), value in counts.items():
+                depth.add_metric([queue, state], value)
+        yield depth
+        yield up
+
+
+def queue_depths(url: str, queues: dict[str, str]) -> dict[tuple[str, str], int]:
+    """``{(queue, "ready"): n, ..., ("delayed", "parked"): n}`` over one short connection."""
+    counts: dict[tuple[str, str], int] = {}
+    with Connection(url, connect_timeout=3) as conn:
+        for label, name in queues.items():
+            counts[(label, "ready")] = _passive_count(conn, name)
+        counts[("delayed", "parked")] = sum(
+            _passive_count(conn, f"celery_delayed_{level}") for level in range(28)
+        )
+    return counts
+
+
+def _passive_count(conn: Connection, name: str) -> int:
+    # A failed passive declare closes its channel: one channel per question.
+    with conn.channel() as channel:
+        try:
+            return int(channel.queue_declare(name, passive=True).message_count)
+        except conn.channel_errors:
+            return 0
+
+
+def registry_for_export(extra: list[Collector]) -> CollectorRegistry:
+    """The registry to serve: this process's, or every process's in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+def serve_metrics(
+    port: int,
+    *,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    host: str = "0.0.0.0",  # noqa: S104  (scraped and probed from outside the container)
+) -> ThreadingHTTPServer:
+    """``/metrics``, ``/livez`` (the process answers) and ``/readyz`` (``ready()``)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+            elif self.path == "/livez":
+                body, status, kind = b"ok\n", 200, "text/plain"
+            elif self.path == "/readyz":
+                ok = ready()
+                body, status = (b"ready\n", 200) if ok else (b"not ready\n", 503)
+                kind = "text/plain"
+            else:
+                body, status, kind = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Probes every few seconds would drown the logs."""
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

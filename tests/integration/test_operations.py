@@ -1,0 +1,216 @@
+"""Operations from the outside: Flower, the metrics endpoint, JSON logs, `status`."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sandbox import DEFAULT_API_KEY, Fault, Sandbox
+from tests.integration.conftest import MakeEnv, StartWorker
+from tests.support.broker import Bus, wait_until
+
+TASK = "invoice_mailer.resend_invoice_email"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _invoice() -> str:
+    return f"inv_{uuid.uuid4().hex[:12]}"
+
+
+def _mixed_run(bus: Bus, sandbox: Sandbox) -> dict[str, str]:
+    """Success, 429 then success, 503 then success, 404, and one invalid event."""
+    invoices = {"ok": _invoice(), "limited": _invoice(), "flaky": _invoice(), "gone": _invoice()}
+    sandbox.script(invoices["limited"], "resend", [Fault(status=429, retry_after="1")])
+    sandbox.script(invoices["flaky"], "resend", [Fault(status=503)])
+    sandbox.script(invoices["gone"], "resend", [Fault(status=404)])
+    for invoice in invoices.values():
+        bus.reissue(invoice)
+    bus.publish_raw(b"{not json")
+    bus.wait_for(5, timeout=60)
+    return invoices
+
+
+@pytest.fixture
+def flower(env: MakeEnv, tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    log = (tmp_path / "flower.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        env=env(FLOWER_BASIC_AUTH="ops:s3cret"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{url}/healthcheck"), timeout=60, what="Flower to start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_flower_shows_the_tasks_behind_basic_auth(
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, flower: str
+) -> None:
+    """Flower lists the pipeline tasks by name and outcome; its API needs the password."""
+    worker = start_worker()
+    auth = ("ops", "s3cret")
+    online = f'flower_worker_online{{worker="{worker.name}"}} 1.0'
+    wait_until(
+        lambda: online in httpx.get(f"{flower}/metrics").text,
+        timeout=60,
+        what="Flower to see the worker",
+    )
+    gone = _invoice()
+    sandbox.script(gone, "resend", [Fault(status=404)])
+    bus.reissue(_invoice())
+    bus.reissue(gone)
+    bus.wait_for(2)
+
+    def tasks() -> dict[str, dict[str, object]]:
+        return httpx.get(f"{flower}/api/tasks", auth=auth).json()  # type: ignore[no-any-return]
+
+    wait_until(
+        lambda: len(tasks()) == 2 and all(t["state"] == "SUCCESS" for t in tasks().values()),
+        timeout=30,
+        what="Flower to list both tasks",
+    )
+    listed = list(tasks().values())
+    assert {t["name"] for t in listed} == {TASK}
+    results = sorted(str(t["result"]) for t in listed)
+    assert "'outcome': 'email_failed'" in results[0]
+    assert "'outcome': 'email_queued'" in results[1]
+    assert httpx.get(f"{flower}/api/tasks").status_code == 401
+    assert httpx.get(f"{flower}/api/tasks", auth=("ops", "wrong")).status_code == 401
+    metrics = httpx.get(f"{flower}/metrics").text
+    succeeded = f'flower_events_total{{task="{TASK}",type="task-succeeded",worker="{worker.name}"}}'
+    assert f"{succeeded} 2.0" in metrics
+
+
+def test_metrics_count_a_mixed_run(start_worker: StartWorker, bus: Bus, sandbox: Sandbox) -> None:
+    """After success, 429, 5xx, 404 and an invalid event each counter has its value."""
+    port = _free_port()
+    start_worker(METRICS_PORT=port, RETRY_SERVER_ERROR_BASE_SECONDS="1")
+    _mixed_run(bus, sandbox)
+    url = f"http://127.0.0.1:{port}"
+    expected = {
+        "invoice_mailer_events_received_total": 4,
+        'invoice_mailer_events_invalid_total{code="not_json"}': 1,
+        'invoice_mailer_resends_total{outcome="done",provider="hostup"}': 3,
+        'invoice_mailer_resends_total{outcome="rate_limited",provider="hostup"}': 1,
+        'invoice_mailer_resends_total{outcome="server_error",provider="hostup"}': 1,
+        'invoice_mailer_resends_total{outcome="gave_up",provider="hostup"}': 1,
+        'invoice_mailer_retries_total{class="429",step="resend"}': 1,
+        'invoice_mailer_retries_total{class="5xx",step="resend"}': 1,
+        'invoice_mailer_give_ups_total{code="not_found",step="resend"}': 1,
+        'invoice_mailer_dead_letters_total{code="not_found"}': 1,
+        'invoice_mailer_dead_letters_total{code="not_json"}': 1,
+        'invoice_mailer_events_published_total{type="invoice.email_queued"}': 3,
+        'invoice_mailer_events_published_total{type="invoice.email_failed"}': 2,
+        'invoice_mailer_step_duration_seconds_count{step="resend"}': 6,
+        'invoice_mailer_step_duration_seconds_count{step="email_info"}': 3,
+        'invoice_mailer_wait_seconds_count{kind="rate_limited"}': 1,
+        'invoice_mailer_queue_messages{queue="dead_letter",state="ready"}': 2,
+        'invoice_mailer_queue_messages{queue="reissued",state="ready"}': 0,
+        "invoice_mailer_broker_up": 1,
+    }
+
+    def scraped() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    wait_until(
+        lambda: all(scraped().get(k) == v for k, v in expected.items()),
+        timeout=30,
+        what="the counters to reach their values",
+    )
+    values = scraped()
+    assert {k: values.get(k) for k in expected} == expected
+    assert httpx.get(f"{url}/livez").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_json_logs_one_line_per_step_without_addresses_or_keys(
+    start_worker: StartWorker, bus: Bus
+) -> None:
+    """LOG_FORMAT=json: each step is one JSON line with its fields; nothing personal."""
+    worker = start_worker(LOG_FORMAT="json")
+    invoice = _invoice()
+    event = bus.reissue(invoice)
+    bus.wait_for(1)
+    worker.stop()
+    lines = [
+        json.loads(line)
+        for line in worker.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    steps = {(r.get("step"), r.get("outcome")) for r in lines if r.get("event_id") == event["id"]}
+    assert ("receive", "handed_off") in steps
+    assert {("resend", "done"), ("email_info", "done"), ("publish", "published")} <= steps
+    resend = next(r for r in lines if r.get("step") == "resend")
+    assert resend["invoice"] == invoice
+    assert resend["status"] == 200
+    assert resend["level"] == "INFO"
+    assert "duration_seconds" in resend
+    text = worker.log_path.read_text()
+    assert "billing@example.com" not in text
+    assert DEFAULT_API_KEY not in text
+
+
+def test_status_shows_queues_dead_letters_ledger_and_workers(
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, env: MakeEnv
+) -> None:
+    """One screen: queue depths, dead letters by reason, ledger counts, live workers."""
+    worker = start_worker(RETRY_SERVER_ERROR_BASE_SECONDS="1")
+    _mixed_run(bus, sandbox)
+    result = subprocess.run(
+        [sys.executable, "-c", "from cli import main; main()", "status"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"dead_letter\s+ready\s+2", out)
+    assert re.search(r"not_found\s+1", out)
+    assert re.search(r"not_json\s+1", out)
+    assert re.search(r"published\s+3", out)
+    assert re.search(r"failed\s+1", out)
+    assert re.search(rf"{re.escape(worker.name)}\s+pong", out)

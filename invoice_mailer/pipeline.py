@@ -64,6 +64,8 @@ PUBLISH = "publish"
 LEDGER = "ledger"
 
 BUSY_RECHECK_SECONDS = 5.0
+# Workers that died holding one event before it is taken for poison and dead-lettered.
+POISON_TAKEOVERS = 3
 # Stop trusting an Idempotency-Key this long before the API says it forgets it.
 IDEMPOTENCY_MARGIN_SECONDS = 600.0
 
@@ -242,9 +244,37 @@ class Pipeline:
             self._log(job, "claim", "busy", self._clock(), wait=delay)
             return RetryLater(job, delay, "claim", "busy")
         job = job.with_record(claim.record)
+        if claim.record.takeovers >= POISON_TAKEOVERS and job.failure is None:
+            return self._give_up_poison(job, owner, claim.record.takeovers)
         self._checkpoint("claimed", job)
         try:
             outcome = self._steps(job, owner)
+        except LedgerError as exc:
+            outcome = self._ledger_unavailable(job, exc)
+        if isinstance(outcome, RetryLater):
+            self._release(job, owner)
+        return outcome
+
+    def _give_up_poison(self, job: Job, owner: str, takeovers: int) -> Outcome:
+        """Workers keep dying on this event: stop feeding it to them.
+
+        Before the resend: ``invoice.email_failed`` and a dead letter. After it the
+        email is out, so ``invoice.email_queued`` says so, without email-info.
+        """
+        code, detail = "worker_lost_repeatedly", f"{takeovers} workers died handling this event"
+        step = RESEND if job.resend is None else EMAIL_INFO
+        self._log(job, step, "gave_up", self._clock(), code=code)
+        try:
+            if job.resend is not None:
+                error = job.email_info_error or f"{code}: {detail}"
+                outcome = self._publish_queued(
+                    replace(job, email_info_done=True, email_info_error=error)
+                )
+            else:
+                decision = GiveUp(
+                    status=None, code=code, detail=detail, history=job.step_history(step)
+                )
+                outcome = self._give_up(job, step, decision)
         except LedgerError as exc:
             outcome = self._ledger_unavailable(job, exc)
         if isinstance(outcome, RetryLater):

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
 
         A worker killed mid-event holds it this long; then another run takes over.
         """
-        return 2 * self.http_timeout_seconds + 10
+        return 2 * self.http_timeout_seconds + 5
 
     def topology(self) -> Topology:
         return Topology(events_exchange=self.events_exchange)

@@ -95,6 +95,11 @@ def create_app(
         # Flower shows tasks only when workers send events.
         worker_send_task_events=True,
         task_send_sent_event=True,
+        # SIGQUIT (or REMAP_SIGTERM=SIGQUIT) first waits this long for running tasks,
+        # under the 30 s most platforms allow between SIGTERM and SIGKILL. A plain
+        # SIGTERM (warm shutdown) waits for them anyway; a task is bounded by its
+        # HTTP timeouts, so that ends well inside the same grace.
+        worker_soft_shutdown_timeout=20,
         # Our logging configuration stays ours.
         worker_hijack_root_logger=False,
         # A task still running when the broker connection drops will be redelivered

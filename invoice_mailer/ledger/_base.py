@@ -59,6 +59,8 @@ class Record:
     failure: dict[str, Any] | None
     created_at: float
     updated_at: float
+    takeovers: int = 0
+    """Runs that took the event over after its holder's lease ran out (holder died)."""
 
     @property
     def final(self) -> bool:
@@ -89,6 +91,7 @@ class Record:
             failure=json.loads(row["failure"]) if row["failure"] else None,
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            takeovers=int(row.get("takeovers") or 0),
         )
 
 

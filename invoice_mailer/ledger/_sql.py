@@ -56,6 +56,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             f"CREATE INDEX {TABLE}_state_updated ON {TABLE} (state, updated_at)",
         ],
     ),
+    (
+        2,
+        [
+            # Times a run took the event over from a holder whose lease ran out
+            # (it died mid-event): the poison-message count the broker cannot keep,
+            # since every lease wait is a fresh retry message.
+            f"ALTER TABLE {TABLE} ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 SCHEMA_TABLE = "invoice_mailer_schema"
 
@@ -106,8 +115,10 @@ class SqlLedger(ABC):
                 params,
             )
         rows = self._execute(
-            f"""UPDATE {TABLE} SET lease_owner = :owner, lease_expires_at = :expires,
-                    updated_at = :now
+            f"""UPDATE {TABLE} SET
+                    takeovers = takeovers + CASE
+                        WHEN lease_owner IS NOT NULL AND lease_owner <> :owner THEN 1 ELSE 0 END,
+                    lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
                 WHERE {_KEY} AND state = '{OPEN}'
                   AND (lease_owner IS NULL OR lease_expires_at <= :now OR lease_owner = :owner)
                 RETURNING *""",

@@ -20,7 +20,7 @@ from tests.support.tasks import TaskWatcher
 from tests.support.worker import WorkerProcess
 
 RAW_QUEUE, TASK_QUEUE = "invoice-mailer.reissued", "invoice-mailer.tasks"
-# Short HTTP timeout: a killed worker's lease (2 x timeout + 10 s) then ends in 12 s.
+# Short HTTP timeout: a killed worker's lease (2 x timeout + 5 s) then ends in 7 s.
 QUICK = {"HTTP_TIMEOUT_SECONDS": "1", "RETRY_SERVER_ERROR_BASE_SECONDS": "1"}
 
 

@@ -187,3 +187,15 @@ def test_concurrent_claims_have_exactly_one_winner(ledger: Ledger) -> None:
         t.join()
     assert errors == []
     assert all(len(w) == 1 for w in winners.values()), winners
+
+
+def test_taking_over_an_expired_lease_is_counted(ledger: Ledger) -> None:
+    """Each takeover from a holder that died is counted; releases and re-claims are not."""
+    _claim(ledger, "a")
+    ledger.release(KEY, "a")
+    _claim(ledger, "b", now=T0 + 1)
+    _claim(ledger, "b", now=T0 + 2)
+    assert isinstance(claim := _claim(ledger, "c", now=T0 + 2 + LEASE + 1), Claimed)
+    assert claim.record.takeovers == 1
+    assert isinstance(claim := _claim(ledger, "d", now=T0 + 4 + 2 * LEASE), Claimed)
+    assert claim.record.takeovers == 2

@@ -83,14 +83,16 @@ class DeadLetterMessage:
 class Bus:
     """Upstream and downstream of the service: publishes raw events, captures outgoing ones."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, capture: str | None = None) -> None:
+        """``capture`` names a durable capture queue that outlives a broker restart."""
         self.url = url
         self.conn = Connection(url, transport_options={"confirm_publish": True})
         self.exchange = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
+        self.capture_name = capture or f"test.capture.{uuid.uuid4().hex[:8]}"
         self._capture = Queue(
-            f"test.capture.{uuid.uuid4().hex[:8]}",
+            self.capture_name,
             bindings=[binding(self.exchange, routing_key=k) for k in (EMAIL_QUEUED, EMAIL_FAILED)],
-            durable=False,
+            durable=capture is not None,
         )
         self._channel = self.conn.channel()
         self._capture.bind(self._channel).declare()

@@ -1,8 +1,9 @@
 """A worker app that kills itself with SIGKILL at a chosen point of the pipeline, once.
 
 Start it as ``celery -A tests.support.crashing_app worker`` with
-``CRASH_AT`` (claimed | resend_recorded | published) and ``CRASH_MARKER`` (a file
-path: the crash happens only if it does not exist yet, so a restart runs clean).
+``CRASH_AT`` (claimed | resend_recorded | published) and either ``CRASH_MARKER``
+(a file path: the crash happens only if it does not exist yet, so a restart runs
+clean) or ``CRASH_INVOICE`` (crash every time that invoice is handled: a poison event).
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from settings import load_or_exit
 from tasks import create_app
 
 _CRASH_AT = os.environ["CRASH_AT"]
-_MARKER = Path(os.environ["CRASH_MARKER"])
+_MARKER = Path(os.environ.get("CRASH_MARKER", "/nonexistent/never"))
+_POISON = os.environ.get("CRASH_INVOICE")
 
 
 def _crash_once(point: str, job: Job) -> None:
-    if point == _CRASH_AT and not _MARKER.exists():
+    """Crash once (marker file), or every time for the CRASH_INVOICE (a poison event)."""
+    if point != _CRASH_AT:
+        return
+    if _POISON is not None:
+        if job.event.invoice == _POISON:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    if not _MARKER.exists():
         _MARKER.write_text(job.event.event_id)
         os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no cleanup, no ack, nothing
 

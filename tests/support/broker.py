@@ -94,19 +94,28 @@ class Bus:
             bindings=[binding(self.exchange, routing_key=k) for k in (EMAIL_QUEUED, EMAIL_FAILED)],
             durable=capture is not None,
         )
+        self.received: list[dict[str, Any]] = []
+        self.received_messages: list[Any] = []
         self._channel = self.conn.channel()
         self._capture.bind(self._channel).declare()
         self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        # Acked one by one: a message the test never read goes back to the queue on close.
         self._consumer = Consumer(
-            self._channel, queues=[self._capture], on_message=self._on_message, no_ack=True
+            self._channel,
+            queues=[self._capture],
+            on_message=self._on_message,
+            prefetch_count=500,
         )
         self._consumer.consume()
         self._producer = self.conn.Producer(self.conn.channel())
-        self.received: list[dict[str, Any]] = []
-        self.received_messages: list[Any] = []
 
     def close(self) -> None:
         self.conn.close()
+
+    def all_received(self) -> list[dict[str, Any]]:
+        """Everything read so far (for a capture queue handed on to another Bus)."""
+        self._pump(0)
+        return list(self.received)
 
     # -- upstream ----------------------------------------------------------------------
 
@@ -153,6 +162,7 @@ class Bus:
     def _on_message(self, message: Any) -> None:
         self.received_messages.append(message)
         self._inbox.put(json.loads(raw_body(message)))
+        message.ack()
 
     def wait_for(
         self,

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit integration clean
+.PHONY: demo test lint unit integration bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ unit: $(VENV)/.installed
 
 integration: $(VENV)/.installed
 	$(BIN)/pytest tests/integration
+
+# invoice-mailer against the minimal baseline (needs RabbitMQ); see README "Performance".
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis var

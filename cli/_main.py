@@ -67,11 +67,7 @@ def publish_reissued(invoice: str, event_id: str | None, source: str) -> None:
             content_type=CLOUDEVENTS_CONTENT_TYPE,
             message_id=event["id"],
         )
-    except (
-        PublishError,
-        OSError,
-        *Connection(settings.celery_broker_url).connection_errors,
-    ) as exc:
+    except (PublishError, OSError, *publisher.connection_errors) as exc:
         click.echo(f"invoice-mailer: could not publish: {exc}", err=True)
         sys.exit(EXIT_BROKER)
     finally:

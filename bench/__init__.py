@@ -1,0 +1,1 @@
+"""Benchmarks: invoice-mailer against a minimal kombu + httpx baseline (``python -m bench``)."""

@@ -1,0 +1,439 @@
+"""``python -m bench``: invoice-mailer and the minimal baseline, side by side, same run.
+
+Real RabbitMQ (a fresh vhost per system), the billing sandbox in its own process
+with a fixed API latency, K worker processes. For each system it measures:
+
+* light load: events published 10 per second; end-to-end latency from publishing
+  ``invoice.reissued`` to receiving ``invoice.email_queued``;
+* a burst of N events: events per second, latency p50/p95/p99, CPU milliseconds per
+  event (utime + stime of the worker processes, from /proc), peak RSS (VmHWM);
+* optionally a backlog: N events published before any worker starts, then drained.
+
+Then it prints every figure with the ratio project / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection, Consumer, Exchange, Queue
+
+from sandbox import DEFAULT_API_KEY
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+EXCHANGE = Exchange("billing.events", "topic", durable=True)
+
+
+@dataclass
+class Figures:
+    name: str
+    processes: int
+    events_per_second: float = 0.0
+    light_latency: list[float] = field(default_factory=list)
+    burst_latency: list[float] = field(default_factory=list)
+    cpu_ms_per_event: float = 0.0
+    peak_rss_mb: list[float] = field(default_factory=list)
+    backlog_events_per_second: float | None = None
+    backlog_peak_rss_mb: list[float] = field(default_factory=list)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--events", type=int, default=3000, help="burst size (default 3000)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="worker process counts to run (default: 1 2)",
+    )
+    parser.add_argument("--latency", type=float, default=0.05, help="API latency, s")
+    parser.add_argument("--concurrency", type=int, default=32, help="threads per process")
+    parser.add_argument("--light", type=int, default=100, help="light-load events (10/s)")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="also drain a backlog of this many events (e.g. 20000)",
+    )
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+
+    results: list[tuple[Figures, Figures | None]] = []
+    with sandbox_process(args.latency) as api:
+        for k in args.workers:
+            project = run_system("invoice-mailer", k, args, api, start_project)
+            baseline = (
+                None if args.no_baseline else run_system("baseline", k, args, api, start_baseline)
+            )
+            results.append((project, baseline))
+            report(project, baseline, args)
+    if len(results) > 1:
+        one, many = results[0][0], results[-1][0]
+        print(
+            f"\nscaling: {many.processes} processes / {one.processes}: "
+            f"{many.events_per_second / one.events_per_second:.2f}x events/s"
+        )
+
+
+# -- the systems ----------------------------------------------------------------------------
+
+
+def start_project(
+    broker: str, api: str, k: int, args: argparse.Namespace, workdir: Path
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": broker,
+        "HOSTUP_API_BASE_URL": api + "/api/v2",
+        "HOSTUP_API_KEY": DEFAULT_API_KEY,
+        "LEDGER_URL": f"sqlite:///{workdir}/ledger.sqlite3",
+        "METRICS_PORT": "0",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(args.concurrency),
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--hostname",
+                f"bench{n}@%h",
+            ],
+            env=env,
+            stdout=(workdir / f"worker{n}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for n in range(k)
+    ]
+    return procs, "invoice-mailer.reissued"
+
+
+def start_baseline(
+    broker: str, api: str, k: int, args: argparse.Namespace, workdir: Path
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.baseline",
+                broker,
+                api + "/api/v2",
+                DEFAULT_API_KEY,
+                "--threads",
+                str(args.concurrency),
+            ],
+            stdout=(workdir / f"baseline{n}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for n in range(k)
+    ]
+    return procs, "baseline.reissued"
+
+
+Starter = Callable[..., tuple[list[subprocess.Popen[bytes]], str]]
+
+
+def run_system(name: str, k: int, args: argparse.Namespace, api: str, start: Starter) -> Figures:
+    figures = Figures(name=name, processes=k)
+    with vhost() as broker, tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        with Harness(broker) as harness:
+            if args.backlog:
+                declare_source(broker, start, k, args, api, workdir)
+                harness.publish_burst(args.backlog)
+                procs, _ = start(broker, api, k, args, workdir)
+                started = time.monotonic()
+                harness.wait_all(timeout=1800)
+                figures.backlog_events_per_second = args.backlog / (time.monotonic() - started)
+                figures.backlog_peak_rss_mb = [peak_rss_mb(p.pid) for p in procs]
+                stop(procs)
+                harness.reset()
+            procs, raw_queue = start(broker, api, k, args, workdir)
+            try:
+                wait_consumers(broker, raw_queue, k)
+                harness.publish_paced(20, rate=20)  # warm-up: connections, imports, caches
+                harness.wait_all(timeout=60)
+                harness.reset()
+                harness.publish_paced(args.light, rate=10)
+                harness.wait_all(timeout=120)
+                figures.light_latency = harness.latencies()
+                harness.reset()
+                cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+                first = time.monotonic()
+                harness.publish_burst(args.events)
+                last = harness.wait_all(timeout=900)
+                cpu_after = sum(cpu_seconds(p.pid) for p in procs)
+                figures.events_per_second = args.events / (last - first)
+                figures.burst_latency = harness.latencies()
+                figures.cpu_ms_per_event = (cpu_after - cpu_before) * 1000 / args.events
+                figures.peak_rss_mb = [peak_rss_mb(p.pid) for p in procs]
+            finally:
+                stop(procs)
+    return figures
+
+
+def declare_source(
+    broker: str, start: Starter, k: int, args: argparse.Namespace, api: str, workdir: Path
+) -> None:
+    """Start the system once so it declares its queues, then stop it: a backlog can build."""
+    procs, raw_queue = start(broker, api, k, args, workdir)
+    wait_consumers(broker, raw_queue, k)
+    stop(procs)
+
+
+# -- the harness: upstream and downstream ------------------------------------------------
+
+
+class Harness:
+    def __init__(self, broker: str) -> None:
+        self._conn = Connection(broker, transport_options={"confirm_publish": True})
+        self._lock = threading.Lock()
+        self.sent: dict[str, float] = {}
+        self.received: dict[str, float] = {}
+        capture = Queue(
+            f"bench.capture.{uuid.uuid4().hex[:6]}",
+            EXCHANGE,
+            routing_key="invoice.email_queued",
+            exclusive=True,
+        )
+        self._listen_conn = Connection(broker)
+        channel = self._listen_conn.channel()
+        self._consumer = Consumer(
+            channel, queues=[capture], on_message=self._on_message, no_ack=True, prefetch_count=1000
+        )
+        self._consumer.consume()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self._producer = self._conn.Producer()
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._conn.close()
+        self._listen_conn.close()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                self._listen_conn.drain_events(timeout=0.1)
+
+    def _on_message(self, message: Any) -> None:
+        now = time.monotonic()
+        body = message.body if isinstance(message.body, bytes) else message.body.encode()
+        cause = json.loads(body)["data"]["reissuedEvent"]["id"]
+        with self._lock:
+            self.received.setdefault(cause, now)
+
+    def _publish(self) -> None:
+        event_id = f"evt_{uuid.uuid4().hex}"
+        body = json.dumps(
+            {
+                "specversion": "1.0",
+                "id": event_id,
+                "source": "/bench",
+                "type": "invoice.reissued",
+                "data": {"invoiceId": f"inv_{uuid.uuid4().hex[:20]}"},
+            }
+        ).encode()
+        with self._lock:
+            self.sent[event_id] = time.monotonic()
+        self._producer.publish(
+            body,
+            exchange=EXCHANGE,
+            routing_key="invoice.reissued",
+            content_type="application/cloudevents+json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+
+    def publish_burst(self, n: int) -> None:
+        for _ in range(n):
+            self._publish()
+
+    def publish_paced(self, n: int, *, rate: float) -> None:
+        start = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))  # pacing, not syncing
+            self._publish()
+
+    def wait_all(self, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                missing = len(self.sent) - sum(1 for k in self.sent if k in self.received)
+                last = max(self.received.values(), default=0.0)
+            if missing == 0:
+                return last
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {missing} events never came out")
+            time.sleep(0.01)
+
+    def latencies(self) -> list[float]:
+        with self._lock:
+            return sorted(self.received[k] - t for k, t in self.sent.items() if k in self.received)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.sent.clear()
+            self.received.clear()
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+
+@contextmanager
+def vhost() -> Iterator[str]:
+    name = f"invoice-mailer-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True
+    )
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False)
+
+
+@contextmanager
+def sandbox_process(latency: float) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--port", str(port), "--latency", str(latency)],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "billing sandbox on ...": it is listening
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_consumers(broker: str, queue: str, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with Connection(broker) as conn:
+        while time.monotonic() < deadline:
+            with conn.channel() as channel:
+                try:
+                    if channel.queue_declare(queue, passive=True).consumer_count >= n:
+                        return
+                except conn.channel_errors:
+                    pass
+            time.sleep(0.1)
+    raise SystemExit(f"bench: {n} consumers on {queue} never appeared")
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
+        if len(values) > 1
+        else values[0]
+    )
+
+
+def report(project: Figures, baseline: Figures | None, args: argparse.Namespace) -> None:
+    bound = project.processes * args.concurrency / (2 * args.latency)
+    rows: list[tuple[str, float, float | None, str]] = []
+
+    def row(label: str, value: Callable[[Figures], float], fmt: str) -> None:
+        rows.append((label, value(project), value(baseline) if baseline else None, fmt))
+
+    row("events/s (burst)", lambda f: f.events_per_second, "{:.0f}")
+    for p in (50, 95, 99):
+        row(
+            f"light-load latency p{p} ms",
+            lambda f, p=p: percentile(f.light_latency, p) * 1000,
+            "{:.0f}",
+        )
+    for p in (50, 95, 99):
+        row(
+            f"burst latency p{p} ms", lambda f, p=p: percentile(f.burst_latency, p) * 1000, "{:.0f}"
+        )
+    row("CPU ms / event", lambda f: f.cpu_ms_per_event, "{:.2f}")
+    row("peak RSS MB / process (max)", lambda f: max(f.peak_rss_mb), "{:.0f}")
+    if args.backlog:
+        row(
+            f"backlog {args.backlog}: events/s",
+            lambda f: f.backlog_events_per_second or 0,
+            "{:.0f}",
+        )
+        row(f"backlog {args.backlog}: peak RSS MB", lambda f: max(f.backlog_peak_rss_mb), "{:.0f}")
+    print(
+        f"\n== {project.processes} process(es), {args.concurrency} threads each, API latency "
+        f"{args.latency * 1000:.0f} ms, burst {args.events}, light {args.light} at 10/s =="
+    )
+    print(
+        f"concurrency bound: {project.processes} x {args.concurrency} in flight / "
+        f"(2 x {args.latency * 1000:.0f} ms) = {bound:.0f} events/s"
+    )
+    print(f"{'figure':34} {'invoice-mailer':>15} {'baseline':>10} {'ratio':>7}")
+    for label, mine, theirs, fmt in rows:
+        ratio = f"{mine / theirs:.2f}" if theirs else "-"
+        theirs_text = fmt.format(theirs) if theirs is not None else "-"
+        print(f"{label:34} {fmt.format(mine):>15} {theirs_text:>10} {ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -380,8 +380,7 @@ class Pipeline:
             self._log(job, RESEND, "uncertain_not_sent", started)
             return job
         result = ResendResult(queued_at=str(email["createdAt"]), email=email.get("to"))
-        self._ledger.record_resend(job.event.key, result, now=self._now())
-        self._ledger.record_email_info(job.event.key, info, None, now=self._now())
+        self._ledger.record_resend(job.event.key, result, now=self._now(), email_info=info)
         self._log(job, RESEND, "uncertain_was_sent", started, status=200)
         return replace(
             job,
@@ -402,10 +401,10 @@ class Pipeline:
             if isinstance(decision, Retry):
                 return RetryLater(job, decision.delay_seconds, EMAIL_INFO, decision.kind)
             # The email is queued already: say so, and say why we cannot say where.
+            # Recorded with the publication: until then the job carries it, and a crash
+            # in between only costs a repeated (read-only) GET.
             error_text = f"{decision.code}: {decision.detail}"
-            self._ledger.record_email_info(job.event.key, None, error_text, now=self._now())
             return replace(job, email_info_done=True, email_info_error=error_text)
-        self._ledger.record_email_info(job.event.key, info, None, now=self._now())
         self._log(job, EMAIL_INFO, "done", started, status=200)
         return replace(
             job, email_info=info, email_info_done=True, history=_one_more(job, EMAIL_INFO)
@@ -434,7 +433,13 @@ class Pipeline:
             self._publisher.publish_event(event, EMAIL_QUEUED)
         except PublishError as exc:
             return self._retry_publish(job, exc, started)
-        self._ledger.record_published(job.event.key, event["id"], now=self._now())
+        self._ledger.record_published(
+            job.event.key,
+            event["id"],
+            now=self._now(),
+            email_info=job.email_info,
+            email_info_error=job.email_info_error,
+        )
         self._log(job, PUBLISH, "published", started)
         self._checkpoint("published", job)
         return Done(event)

@@ -55,6 +55,14 @@ def configure_logging(fmt: str, level: int | str = logging.INFO) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # Our step lines say all of this once per step; these would say it again per
+    # request and per task, at a cost measured in the benchmark.
+    for chatty in ("httpx", "celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, _level(level)))
+
+
+def _level(level: int | str) -> int:
+    return level if isinstance(level, int) else logging.getLevelName(str(level).upper())
 
 
 @signals.setup_logging.connect

@@ -151,13 +151,28 @@ class Ledger(Protocol):
         """The last resend got a definite answer without effect (an error response)."""
         ...
 
-    def record_resend(self, key: EventKey, result: ResendResult, *, now: float) -> None: ...
+    def record_resend(
+        self,
+        key: EventKey,
+        result: ResendResult,
+        *,
+        now: float,
+        email_info: dict[str, Any] | None = None,
+    ) -> None:
+        """The resend happened (and, when known already, where the email went)."""
+        ...
 
-    def record_email_info(
-        self, key: EventKey, info: dict[str, Any] | None, error: str | None, *, now: float
-    ) -> None: ...
-
-    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> None: ...
+    def record_published(
+        self,
+        key: EventKey,
+        outcome_event_id: str,
+        *,
+        now: float,
+        email_info: dict[str, Any] | None = None,
+        email_info_error: str | None = None,
+    ) -> None:
+        """``invoice.email_queued`` went out: the event is done, with what it reported."""
+        ...
 
     def record_failed(
         self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float

@@ -100,13 +100,6 @@ class SqlLedger(ABC):
             "now": now,
             "expires": now + lease_seconds,
         }
-        self._execute(
-            f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
-                    created_at, updated_at)
-                VALUES (:source, :event_id, :invoice, :provider, '{OPEN}', :now, :now)
-                ON CONFLICT (source, event_id) DO NOTHING""",
-            params,
-        )
         if reopen_failed:
             self._execute(
                 f"""UPDATE {TABLE} SET state = '{OPEN}', failure = NULL,
@@ -114,13 +107,21 @@ class SqlLedger(ABC):
                     WHERE {_KEY} AND state = '{FAILED}'""",
                 params,
             )
+        # One statement: insert the event, or take its lease if it is free, expired or
+        # ours already. A row comes back only when this run holds the lease.
         rows = self._execute(
-            f"""UPDATE {TABLE} SET
-                    takeovers = takeovers + CASE
-                        WHEN lease_owner IS NOT NULL AND lease_owner <> :owner THEN 1 ELSE 0 END,
+            f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
+                    lease_owner, lease_expires_at, created_at, updated_at)
+                VALUES (:source, :event_id, :invoice, :provider, '{OPEN}',
+                    :owner, :expires, :now, :now)
+                ON CONFLICT (source, event_id) DO UPDATE SET
+                    takeovers = {TABLE}.takeovers + CASE
+                        WHEN {TABLE}.lease_owner IS NOT NULL AND {TABLE}.lease_owner <> :owner
+                        THEN 1 ELSE 0 END,
                     lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
-                WHERE {_KEY} AND state = '{OPEN}'
-                  AND (lease_owner IS NULL OR lease_expires_at <= :now OR lease_owner = :owner)
+                WHERE {TABLE}.state = '{OPEN}'
+                  AND ({TABLE}.lease_owner IS NULL OR {TABLE}.lease_expires_at <= :now
+                       OR {TABLE}.lease_owner = :owner)
                 RETURNING *""",
             params,
         )
@@ -149,35 +150,60 @@ class SqlLedger(ABC):
     def resend_not_sent(self, key: EventKey) -> None:
         self._execute(f"UPDATE {TABLE} SET resend_in_flight = 0 WHERE {_KEY}", _key(key))
 
-    def record_resend(self, key: EventKey, result: ResendResult, *, now: float) -> None:
-        self._execute(
-            f"""UPDATE {TABLE} SET resend = :resend, resend_in_flight = 0, updated_at = :now
-                WHERE {_KEY}""",
-            {**_key(key), "resend": json.dumps(result.to_dict()), "now": now},
-        )
-
-    def record_email_info(
-        self, key: EventKey, info: dict[str, Any] | None, error: str | None, *, now: float
+    def record_resend(
+        self,
+        key: EventKey,
+        result: ResendResult,
+        *,
+        now: float,
+        email_info: dict[str, Any] | None = None,
     ) -> None:
         self._execute(
-            f"""UPDATE {TABLE} SET email_info = :info, email_info_error = :error,
-                    email_info_done = 1, updated_at = :now
+            f"""UPDATE {TABLE} SET resend = :resend, resend_in_flight = 0, updated_at = :now,
+                    email_info = COALESCE(:info, email_info),
+                    email_info_done = CASE WHEN :info IS NULL THEN email_info_done ELSE 1 END
                 WHERE {_KEY}""",
             {
                 **_key(key),
-                "info": json.dumps(info) if info is not None else None,
-                "error": error,
+                "resend": json.dumps(result.to_dict()),
                 "now": now,
+                "info": json.dumps(email_info) if email_info is not None else None,
             },
         )
 
-    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> None:
-        self._finish(key, PUBLISHED, outcome_event_id, None, now)
+    def record_published(
+        self,
+        key: EventKey,
+        outcome_event_id: str,
+        *,
+        now: float,
+        email_info: dict[str, Any] | None = None,
+        email_info_error: str | None = None,
+    ) -> None:
+        self._execute(
+            f"""UPDATE {TABLE} SET state = '{PUBLISHED}', outcome_event_id = :outcome,
+                    email_info = :info, email_info_error = :error, email_info_done = 1,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
+                WHERE {_KEY}""",
+            {
+                **_key(key),
+                "outcome": outcome_event_id,
+                "now": now,
+                "error": email_info_error,
+                "info": json.dumps(email_info) if email_info is not None else None,
+            },
+        )
 
     def record_failed(
         self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
     ) -> None:
-        self._finish(key, FAILED, outcome_event_id, failure, now)
+        self._execute(
+            f"""UPDATE {TABLE} SET state = '{FAILED}', outcome_event_id = :outcome,
+                    failure = :failure, lease_owner = NULL, lease_expires_at = NULL,
+                    updated_at = :now
+                WHERE {_KEY}""",
+            {**_key(key), "outcome": outcome_event_id, "now": now, "failure": json.dumps(failure)},
+        )
 
     def release(self, key: EventKey, owner: str) -> None:
         self._execute(
@@ -209,23 +235,6 @@ class SqlLedger(ABC):
     def _get(self, key: EventKey) -> Record | None:
         rows = self._execute(f"SELECT * FROM {TABLE} WHERE {_KEY}", _key(key))
         return Record.from_row(rows[0]) if rows else None
-
-    def _finish(
-        self, key: EventKey, state: str, outcome: str, failure: dict[str, Any] | None, now: float
-    ) -> None:
-        self._execute(
-            f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome,
-                    failure = :failure, lease_owner = NULL, lease_expires_at = NULL,
-                    updated_at = :now
-                WHERE {_KEY}""",
-            {
-                **_key(key),
-                "state": state,
-                "outcome": outcome,
-                "now": now,
-                "failure": json.dumps(failure) if failure is not None else None,
-            },
-        )
 
 
 def _key(key: EventKey) -> dict[str, Any]:

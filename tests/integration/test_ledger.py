@@ -126,8 +126,7 @@ def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
     _claim(ledger, "a")
     ledger.begin_resend(KEY, owner="a", now=T0, lease_seconds=LEASE)
     result = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
-    ledger.record_resend(KEY, result, now=T0 + 1)
-    ledger.record_email_info(KEY, {"emails": [], "currentTargets": None}, None, now=T0 + 2)
+    ledger.record_resend(KEY, result, now=T0 + 1, email_info={"emails": [], "currentTargets": None})
     ledger.release(KEY, "a")
     claim = _claim(ledger, "b", now=T0 + 3)
     assert isinstance(claim, Claimed)
@@ -137,13 +136,28 @@ def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
     assert claim.record.email_info_done
 
 
+def test_publication_records_what_was_reported(ledger: Ledger) -> None:
+    """The published record keeps the email-info (or why there is none) it reported."""
+    _claim(ledger, "a")
+    ledger.record_published(
+        KEY, "out-1", now=T0 + 1, email_info=None, email_info_error="internal_error: down"
+    )
+    [record] = ledger.find(KEY[1])
+    assert (record.state, record.email_info, record.email_info_error) == (
+        "published",
+        None,
+        "internal_error: down",
+    )
+    assert record.email_info_done
+
+
 def test_find_prune_and_counts(ledger: Ledger) -> None:
     """`ledger show` and `ledger prune`: find by id, delete only old final records."""
     for n, state in enumerate(["published", "failed", "open"]):
         key = ("/billing", f"evt_{n}")
         _claim(ledger, "a", key=key)
         if state == "published":
-            ledger.record_published(key, "o", now=T0)
+            ledger.record_published(key, "o", now=T0, email_info_error="x: y")
         elif state == "failed":
             ledger.record_failed(key, {"code": "x"}, "o", now=T0)
     assert ledger.counts() == {"published": 1, "failed": 1, "open": 1}

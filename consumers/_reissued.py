@@ -10,7 +10,6 @@ Nothing raised here may escape: an exception from a callback stops the worker.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import Any
 
@@ -19,7 +18,7 @@ from kombu import Consumer
 from kombu.message import Message
 
 from invoice_mailer.errors import InvalidEvent, PublishError
-from invoice_mailer.events import EMAIL_FAILED, parse_reissued
+from invoice_mailer.events import EMAIL_FAILED, glimpse, parse_reissued
 from invoice_mailer.messages import raw_body
 from invoice_mailer.observe import StepRecord
 from invoice_mailer.pipeline import Job, failed_event
@@ -108,7 +107,8 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         content_encoding: str | None,
         invalid: InvalidEvent,
     ) -> None:
-        source, event_id = _readable_ids(body)
+        seen = glimpse(body)
+        source, event_id = seen.source, seen.event_id
         publisher = self.app.runtime.publisher
         publisher.dead_letter(
             DeadLetter(
@@ -162,19 +162,6 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
                 **fields,
             )
         )
-
-
-def _readable_ids(body: bytes) -> tuple[str | None, str | None]:
-    """``(source, id)`` of an invalid event, where they can be read as short strings."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    source, event_id = doc.get("source"), doc.get("id")
-    ok = all(isinstance(v, str) and 0 < len(v) <= 1024 for v in (source, event_id))
-    return (source, event_id) if ok else (None, None)
 
 
 def _settle(message: Message, *, requeue: bool) -> None:

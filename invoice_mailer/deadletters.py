@@ -28,7 +28,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.message import Message
 
-from invoice_mailer.events import REISSUED
+from invoice_mailer.events import REISSUED, glimpse
 from invoice_mailer.messages import raw_body
 from invoice_mailer.publisher import (
     ATTEMPTS_HEADER,
@@ -81,13 +81,13 @@ def describe(
         origin = "broker:tasks" if "task" in headers else "broker:reissued"
         if "task" in headers:
             body, content_type, content_encoding = _unwrap_task(body)
-    event_id, invoice = _ids(body)
+    seen = glimpse(body)
     return DeadLetterEntry(
         body=body,
         content_type=content_type,
         content_encoding=content_encoding,
-        event_id=event_id,
-        invoice=invoice,
+        event_id=seen.event_id,
+        invoice=seen.invoice,
         code=code,
         detail=detail,
         attempts=int(attempts) if isinstance(attempts, int) else None,
@@ -184,24 +184,6 @@ def _unwrap_task(body: bytes) -> tuple[bytes, str | None, str | None]:
         return job["body"].encode("utf-8"), job.get("content_type"), "utf-8"
     except (ValueError, TypeError, KeyError, AttributeError):
         return body, None, None
-
-
-def _ids(body: bytes) -> tuple[str | None, str | None]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    data = doc.get("data")
-    invoice = (
-        data.get("invoiceId", data.get("invoiceReference")) if isinstance(data, dict) else None
-    )
-    event_id = doc.get("id")
-    return (
-        event_id if isinstance(event_id, str) else None,
-        invoice if isinstance(invoice, str) else None,
-    )
 
 
 def _from_epoch(value: object) -> datetime | None:

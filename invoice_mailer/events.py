@@ -25,9 +25,11 @@ __all__ = [
     "EMAIL_QUEUED",
     "MAX_EVENT_BYTES",
     "REISSUED",
+    "Glimpse",
     "Reissued",
     "cloud_event",
     "encode",
+    "glimpse",
     "outgoing_event_id",
     "parse_reissued",
 ]
@@ -128,6 +130,37 @@ def parse_reissued(body: bytes, content_type: str | None, *, provider: str) -> R
     except ValidationError as exc:
         raise InvalidEvent("invalid_invoice_id", _describe(exc)) from None
     return Reissued(event_id=envelope.id, source=envelope.source, invoice=getattr(data, attribute))
+
+
+@dataclass(frozen=True, slots=True)
+class Glimpse:
+    """What can be read of an event body that may be invalid: for reports, never URLs."""
+
+    source: str | None
+    event_id: str | None
+    invoice: str | None
+
+
+def glimpse(body: bytes) -> Glimpse:
+    """Best-effort ``source``, ``id`` and invoice of any body; each None when unreadable.
+
+    Only short strings count, so nothing huge or nested lands in a report.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return Glimpse(None, None, None)
+    if not isinstance(doc, dict):
+        return Glimpse(None, None, None)
+    data = doc.get("data")
+    invoice = (
+        data.get("invoiceId", data.get("invoiceReference")) if isinstance(data, dict) else None
+    )
+    return Glimpse(_short(doc.get("source")), _short(doc.get("id")), _short(invoice))
+
+
+def _short(value: object) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 1024 else None
 
 
 def outgoing_event_id(event_type: str, source: str, event_id: str) -> str:

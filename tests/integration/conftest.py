@@ -45,9 +45,9 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each ledger backend in turn, fresh."""
+    """Each ledger backend in turn, fresh (SQLite in a directory that does not exist yet)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.sqlite3"
+        yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
         return
     require_postgres()
     with fresh_database() as url:

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from invoice_mailer.billing import ResendResult
 from invoice_mailer.ledger import AlreadyDone, Busy, Claim, Claimed, Ledger, open_ledger
-from tests.support.postgres import fresh_database, require_postgres
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
 LEASE = 30.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
-        return
-    require_postgres()
-    with fresh_database() as url:
-        yield url
-
-
 @pytest.fixture
-def ledger(ledger_url: str) -> Iterator[Ledger]:
-    ledger = open_ledger(ledger_url)
+def ledger(any_ledger_url: str) -> Iterator[Ledger]:
+    ledger = open_ledger(any_ledger_url)
     yield ledger
     ledger.close()
 
@@ -167,10 +155,10 @@ def test_find_prune_and_counts(ledger: Ledger) -> None:
     assert ledger.counts() == {"open": 1}
 
 
-def test_opening_twice_keeps_the_schema_and_the_data(ledger_url: str, ledger: Ledger) -> None:
+def test_opening_twice_keeps_the_schema_and_the_data(any_ledger_url: str, ledger: Ledger) -> None:
     """Migrations run once; a second process opening the ledger changes nothing."""
     _claim(ledger, "a")
-    again = open_ledger(ledger_url)
+    again = open_ledger(any_ledger_url)
     try:
         assert isinstance(_claim(again, "b", now=T0 + 1), Busy)
     finally:

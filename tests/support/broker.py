@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,21 +18,15 @@ from kombu import Connection, Consumer, Exchange, Queue, binding
 
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, EMAIL_FAILED, EMAIL_QUEUED, REISSUED
 from invoice_mailer.messages import raw_body
+from tests.support.services import require
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 EVENTS_EXCHANGE = "billing.events"
 
 
 def require_rabbitmq() -> None:
-    """Skip without RabbitMQ locally; in CI a missing broker is a failure, not a skip."""
-    try:
-        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
-            pass
-    except OSError as exc:
-        message = f"RabbitMQ is not reachable at {BROKER_HOST}:{BROKER_PORT}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    """RabbitMQ, and rabbitmqctl to make a vhost per test."""
+    require("RabbitMQ", BROKER_HOST, BROKER_PORT)
     if shutil.which("rabbitmqctl") is None:
         pytest.fail("rabbitmqctl is needed to make a vhost per test")
 
@@ -231,19 +223,19 @@ class Bus:
 
     def consumers(self, name: str) -> int:
         """Consumers the broker counts on ``name`` (0 when it does not exist)."""
-        with self.conn.channel() as channel:
-            try:
-                return int(channel.queue_declare(name, passive=True).consumer_count)
-            except self.conn.channel_errors:
-                return 0
+        return self._passive(name)[1]
 
     def queue_depth(self, name: str) -> int:
         """Ready messages in ``name`` (0 when it does not exist)."""
+        return self._passive(name)[0]
+
+    def _passive(self, name: str) -> tuple[int, int]:
         with self.conn.channel() as channel:
             try:
-                return int(channel.queue_declare(name, passive=True).message_count)
+                ok = channel.queue_declare(name, passive=True)
             except self.conn.channel_errors:
-                return 0
+                return 0, 0
+            return int(ok.message_count), int(ok.consumer_count)
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:

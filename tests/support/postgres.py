@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-import pytest
+
+from tests.support.services import require
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 ADMIN_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
 
 
 def require_postgres() -> None:
-    """Skip without PostgreSQL locally; in CI its absence is a failure."""
-    try:
-        with socket.create_connection((PG_HOST, PG_PORT), timeout=2):
-            pass
-    except OSError as exc:
-        message = f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require("PostgreSQL", PG_HOST, PG_PORT)
 
 
 @contextmanager

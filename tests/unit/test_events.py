@@ -11,6 +11,7 @@ from invoice_mailer.errors import InvalidEvent
 from invoice_mailer.events import (
     MAX_EVENT_BYTES,
     cloud_event,
+    glimpse,
     outgoing_event_id,
     parse_reissued,
 )
@@ -165,3 +166,22 @@ def test_cloud_event_is_structured_mode() -> None:
     assert event["datacontenttype"] == "application/json"
     assert event["time"].endswith("Z")
     assert event["data"] == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "seen"),
+    [
+        (_body(), ("/billing", "evt_01jd5w3k8q9r7s6t5v4w3x2y1z", "inv_01hxa3b4c5d6e7f8g9h0j1k2m3")),
+        (
+            _body(data={"invoiceReference": "RE-1"}),
+            ("/billing", "evt_01jd5w3k8q9r7s6t5v4w3x2y1z", "RE-1"),
+        ),
+        (_body(id=7, source="s" * 2000), (None, None, "inv_01hxa3b4c5d6e7f8g9h0j1k2m3")),
+        (b"\xff", (None, None, None)),
+        (b"[]", (None, None, None)),
+    ],
+)
+def test_glimpse_reads_what_it_can_and_never_raises(body: bytes, seen: tuple[object, ...]) -> None:
+    """Reports about bad events name their ids when they are short strings, else None."""
+    g = glimpse(body)
+    assert (g.source, g.event_id, g.invoice) == seen

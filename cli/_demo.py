@@ -78,6 +78,7 @@ def run_demo(*, verbose: bool) -> int:
             retry_server_error_max_seconds=2,
             ledger_url=f"sqlite:///{ledger_dir}/ledger.sqlite3",
             metrics_port=0,
+            sentry_dsn=None,  # the demo reports nothing anywhere
         )
         for case in CASES:
             for endpoint, faults in case.faults:

@@ -326,15 +326,19 @@ class Pipeline:
                 # A definite answer: this POST did nothing. (It says nothing about an
                 # earlier POST whose answer was lost: that one stays uncertain.)
                 self._ledger.resend_not_sent(job.event.key)
-            job, decision = self._decide(job, RESEND, error, started)
-            if isinstance(decision, Retry):
-                return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
-            return self._give_up(job, RESEND, decision)
+            return self._resend_failed(job, error, started)
         self._ledger.record_resend(job.event.key, result, now=self._now())
         self._log(job, RESEND, "done", started, status=200)
         return replace(
             job, resend=result, resend_uncertain_since=None, history=_one_more(job, RESEND)
         )
+
+    def _resend_failed(self, job: Job, error: BillingError, started: float) -> Outcome:
+        """The resend step failed (the POST, or the email-info look before it)."""
+        job, decision = self._decide(job, RESEND, error, started)
+        if isinstance(decision, Retry):
+            return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
+        return self._give_up(job, RESEND, decision)
 
     def _idempotency_key_expired(self, uncertain_since: float) -> bool:
         """Has the API forgotten the key of a resend whose effect we do not know?"""
@@ -371,10 +375,7 @@ class Pipeline:
         try:
             info = self._provider.email_info(job.event.invoice)
         except BillingError as error:
-            job, decision = self._decide(job, RESEND, error, started)
-            if isinstance(decision, Retry):
-                return RetryLater(job, decision.delay_seconds, RESEND, decision.kind)
-            return self._give_up(job, RESEND, decision)
+            return self._resend_failed(job, error, started)
         email = _email_created_since(info, since)
         if email is None:
             self._log(job, RESEND, "uncertain_not_sent", started)

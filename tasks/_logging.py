@@ -14,6 +14,8 @@ from typing import Any
 from celery import signals
 from pythonjsonlogger.json import JsonFormatter
 
+from tasks._sentry import EMAIL
+
 __all__ = ["MaskAddresses", "configure_logging"]
 
 _format = "console"
@@ -23,8 +25,6 @@ class MaskAddresses(logging.Filter):
     """E-mail addresses never reach a log line, whatever logged them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks._sentry import EMAIL
-
         message = record.getMessage()
         if "@" in message:
             record.msg, record.args = EMAIL.sub("[email]", message), ()

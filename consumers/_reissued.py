@@ -1,10 +1,11 @@
-"""The raw-event consumer: ``invoice.reissued`` from RabbitMQ into the pipeline task.
+"""The raw-event consumer: ``invoice.reissued`` from RabbitMQ into the pipeline.
 
 It runs on the worker's event loop (a Celery consumer bootstep), so it does no
-HTTP and nothing slow: validate, publish the task (confirmed), then ack. Events
-that can never be processed are dead-lettered with their reason, and an
-``invoice.email_failed`` is published; the worker goes on with the next one.
-Nothing raised here may escape: an exception from a callback stops the worker.
+HTTP and nothing slow: it validates the event and gives it to the worker's
+thread pool (``tasks.FirstAttempt``), which settles the message when the attempt
+is over. Events that can never be processed are dead-lettered with their reason,
+and an ``invoice.email_failed`` is published; the worker goes on with the next
+one. Nothing raised here may escape: an exception from a callback stops the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency.thread import TaskPool as ThreadPool
 from kombu import Consumer
 from kombu.message import Message
 
@@ -23,15 +25,20 @@ from invoice_mailer.messages import raw_body
 from invoice_mailer.observe import StepRecord
 from invoice_mailer.pipeline import Job, failed_event
 from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
-from tasks import TASK_NAME, InvoiceMailerCelery, job_repr
+from tasks import InvoiceMailerCelery
+from tasks.pipeline import FirstAttempt, settle_quietly
 
-__all__ = ["PREFETCH", "ReissuedEventConsumer"]
+__all__ = ["PREFETCH", "ReissuedEventConsumer", "WrongPool"]
 
 log = logging.getLogger("invoice_mailer.consumer")
 
-# Unacked raw events one worker holds: enough to keep the hand-off busy, small
-# enough that a backlog stays in the broker (and with other workers).
+# Unacked raw events one worker holds: its 32 threads busy and as many queued for
+# them; small enough that a backlog stays in the broker (and with other workers).
 PREFETCH = 64
+
+
+class WrongPool(RuntimeError):
+    """The worker runs a pool the pipeline cannot share (it needs threads)."""
 
 
 class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -40,8 +47,14 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.app: InvoiceMailerCelery = parent.app
+        self._attempts: FirstAttempt | None = None
 
     def start(self, c: Any) -> None:
+        if not isinstance(c.pool, ThreadPool):
+            # Other pools would pickle the work into child processes or green threads
+            # that do not share the per-process HTTP client, ledger and publisher.
+            raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
+        self._attempts = FirstAttempt(self.app, c)
         self.app.settings.topology().declare(c.connection)
         super().start(c)
         self.app.runtime.ready = True
@@ -70,13 +83,13 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         try:
             self._handle(message)
         except PublishError:
-            # The broker would not take the hand-off: give the event back to it.
-            log.warning("could not hand off an event; requeueing it", exc_info=True)
-            _settle(message, requeue=True)
+            # The broker would not take the dead letter: give the event back to it.
+            log.warning("could not dead-letter an invalid event; requeueing it", exc_info=True)
+            settle_quietly(message.requeue)
         except Exception:
-            # A bug, not bad input: the broker dead-letters it (x-death says why).
+            # A bug, not bad input: the raw queue dead-letters it (x-death says why).
             log.exception("unexpected error handling an event; rejecting it")
-            _settle(message, requeue=False)
+            settle_quietly(lambda: message.reject(requeue=False))
 
     def _handle(self, message: Message) -> None:
         body = raw_body(message)
@@ -90,15 +103,9 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             return
         replay = REPLAY_HEADER in (message.headers or {})
         job = Job(event=event, body=body.decode("utf-8"), content_type=content_type, replay=replay)
-        self._hand_off(job)
-        message.ack()
-        self._observe(event.event_id, event.invoice, "receive", "handed_off")
-
-    def _hand_off(self, job: Job) -> None:
-        try:
-            self.app.send_task(TASK_NAME, kwargs={"job": job.to_dict()}, kwargsrepr=job_repr(job))
-        except Exception as exc:
-            raise PublishError(f"could not publish the pipeline task: {exc!r}") from exc
+        self._observe(event.event_id, event.invoice, "receive", "accepted")
+        assert self._attempts is not None  # set in start(), before any consumer exists
+        self._attempts.submit(job, message)
 
     def _reject_invalid(
         self,
@@ -162,14 +169,3 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
                 **fields,
             )
         )
-
-
-def _settle(message: Message, *, requeue: bool) -> None:
-    """Requeue or reject, tolerating a channel that is already gone (celery#4671)."""
-    try:
-        if requeue:
-            message.requeue()
-        else:
-            message.reject(requeue=False)
-    except Exception:
-        log.warning("could not settle the message; the broker will redeliver it", exc_info=True)

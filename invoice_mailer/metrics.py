@@ -32,7 +32,9 @@ from invoice_mailer.topology import Topology
 __all__ = ["MetricsObserver", "QueueDepthCollector", "serve_metrics"]
 
 _P = "invoice_mailer"
-EVENTS_RECEIVED = Counter(f"{_P}_events_received_total", "Raw invoice.reissued handed off")
+EVENTS_RECEIVED = Counter(
+    f"{_P}_events_received_total", "Raw invoice.reissued accepted for processing"
+)
 EVENTS_INVALID = Counter(f"{_P}_events_invalid_total", "Events refused at the door", ["code"])
 DUPLICATES = Counter(f"{_P}_duplicates_skipped_total", "Deliveries of already finished events")
 RESENDS = Counter(f"{_P}_resends_total", "Resend attempts by outcome", ["provider", "outcome"])

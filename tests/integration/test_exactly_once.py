@@ -45,16 +45,16 @@ def settle(
     tasks: TaskWatcher,
     workers: list[WorkerProcess],
     *,
-    handed_off: int,
+    taken_up: int,
     timeout: float = 120,
 ) -> list[dict[str, Any]]:
-    """Wait until every published event was handed off and its task ran to the end (no
+    """Wait until every published event was taken up by a worker and its task ran to the end (no
     retry left parked), stop the workers, and return every event that came out.
 
     Once the workers are stopped nothing more can be published, so what the
     capture queue holds then is final: the place to count duplicates.
     """
-    tasks.wait_settled(handed_off, timeout=timeout)
+    tasks.wait_settled(taken_up, timeout=timeout)
     for worker in workers:
         assert worker.stop() == 0, worker.log()
     assert bus.queue_depth(RAW_QUEUE) == 0
@@ -73,7 +73,7 @@ def test_the_same_event_twice_makes_one_post_and_one_event(
     bus.wait_for(1)
     bus.publish_event(event)
 
-    events = settle(bus, tasks, [worker], handed_off=2)
+    events = settle(bus, tasks, [worker], taken_up=2)
 
     assert [e["type"] for e in events] == ["invoice.email_queued"]
     assert len(sandbox.requests(invoice=invoice, endpoint="resend")) == 1
@@ -91,7 +91,7 @@ def test_the_same_event_to_two_workers_at_once_makes_one_post(
     event = bus.reissue(invoice)
     bus.publish_event(event)
 
-    events = settle(bus, tasks, workers, handed_off=2)
+    events = settle(bus, tasks, workers, taken_up=2)
 
     assert [e["type"] for e in events] == ["invoice.email_queued"]
     assert len(sandbox.requests(invoice=invoice, endpoint="resend")) == 1
@@ -121,7 +121,7 @@ def test_kill_9_at_each_point_ends_with_one_email_and_one_event(
     assert crashing.proc.wait(timeout=60) == -9
     restarted = start_worker(**QUICK)
 
-    events = settle(bus, tasks, [restarted], handed_off=1)
+    events = settle(bus, tasks, [restarted], taken_up=1)
 
     assert (tmp_path / "crashed").exists()
     assert [e["type"] for e in events] == ["invoice.email_queued"]
@@ -144,7 +144,7 @@ def test_kill_9_while_the_api_holds_the_post_open_sends_no_second_post(
     worker.kill()
     restarted = start_worker(HTTP_TIMEOUT_SECONDS="3")
 
-    events = settle(bus, tasks, [restarted], handed_off=1)
+    events = settle(bus, tasks, [restarted], taken_up=1)
 
     assert [e["type"] for e in events] == ["invoice.email_queued"]
     assert len(sandbox.requests(invoice=invoice, endpoint="resend")) == 1
@@ -197,7 +197,7 @@ def test_three_workers_on_one_postgres_ledger_600_events_10_percent_twice(
         bus.publish_event(event)
 
     bus.wait_for(600, timeout=240)
-    events = settle(bus, tasks, workers, handed_off=660, timeout=240)
+    events = settle(bus, tasks, workers, taken_up=660, timeout=240)
 
     counts = Counter(e["data"]["invoiceId"] for e in events)
     assert len(events) == 600
@@ -210,4 +210,4 @@ def _results(tasks: TaskWatcher) -> list[dict[str, Any]]:
     """What each finished task returned (Celery events carry the result's repr)."""
     import ast
 
-    return [ast.literal_eval(r) for r in tasks.results.values()]
+    return [ast.literal_eval(r) for r in tasks.results]

@@ -180,7 +180,7 @@ def test_json_logs_one_line_per_step_without_addresses_or_keys(
         if line.startswith("{")
     ]
     steps = {(r.get("step"), r.get("outcome")) for r in lines if r.get("event_id") == event["id"]}
-    assert ("receive", "handed_off") in steps
+    assert ("receive", "accepted") in steps
     assert {("resend", "done"), ("email_info", "done"), ("publish", "published")} <= steps
     resend = next(r for r in lines if r.get("step") == "resend")
     assert resend["invoice"] == invoice

@@ -1,15 +1,19 @@
 """Following pipeline tasks through Celery's own event stream (what Flower reads).
 
-``wait_settled(n)`` returns once ``n`` tasks were handed off by the raw-event
-consumer and every task's latest event is final (succeeded or failed): nothing
-then runs or waits in the broker. A retried task keeps its id, so a parked retry
-counts as pending until it ran to the end.
+``wait_settled(n)`` returns once ``n`` deliveries of raw events were taken up by
+a worker (a first attempt announces itself as a received task with no retries)
+and every task's latest event is final (succeeded or failed) with no retry of it
+still parked: nothing then runs or waits in the broker. An event's task id is
+derived from the event and a retry keeps it; two deliveries of one event run at
+once share it, so a retry sent (``task-sent``) counts as parked until a worker
+receives it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from celery import Celery
@@ -22,8 +26,11 @@ class TaskWatcher:
         self._app = Celery(broker=broker_url, set_as_current=False)
         self._lock = threading.Lock()
         self.latest: dict[str, str] = {}
-        self.results: dict[str, Any] = {}
-        self.sent = 0
+        self.results: list[Any] = []
+        """Every task-succeeded's result, in arrival order (one task may finish twice:
+        a duplicate delivery of its event runs under the same id)."""
+        self.taken_up = 0
+        self._parked: Counter[str] = Counter()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -35,10 +42,14 @@ class TaskWatcher:
         if not kind.startswith("task-") or uuid is None:
             return
         with self._lock:
-            if kind == "task-sent":
-                self.sent += 1
+            if kind == "task-received" and not event.get("retries"):
+                self.taken_up += 1
+            elif kind == "task-received":
+                self._parked[uuid] -= 1
+            elif kind == "task-sent":
+                self._parked[uuid] += 1
             if kind == "task-succeeded":
-                self.results[uuid] = event.get("result")
+                self.results.append(event.get("result"))
             # Events of one task can arrive out of order across connections; a final
             # state is only undone by a later receipt (a retry comes back as received).
             previous = self.latest.get(uuid)
@@ -61,19 +72,23 @@ class TaskWatcher:
 
     def pending(self) -> list[str]:
         with self._lock:
-            return [uuid for uuid, kind in self.latest.items() if kind not in FINAL]
+            return [
+                uuid
+                for uuid, kind in self.latest.items()
+                if kind not in FINAL or self._parked[uuid] > 0
+            ]
 
-    def wait_settled(self, handed_off: int, *, timeout: float = 120) -> None:
+    def wait_settled(self, taken_up: int, *, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                sent = self.sent
+                seen = self.taken_up
             pending = self.pending()
-            if sent >= handed_off and not pending:
+            if seen >= taken_up and not pending:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"tasks not settled after {timeout}s: {sent}/{handed_off} handed off, "
+                    f"tasks not settled after {timeout}s: {seen}/{taken_up} taken up, "
                     f"pending {pending[:5]}"
                 )
             time.sleep(0.05)

@@ -13,7 +13,7 @@ import httpx
 
 from invoice_mailer.billing._abillify import AbillifyClient
 from invoice_mailer.billing._hostup import HostUpClient
-from invoice_mailer.billing._http import HttpConfig, build_http_client
+from invoice_mailer.billing._http import HttpConfig, ShardedTransport, build_http_client
 from invoice_mailer.billing._provider import BillingProvider, ResendResult
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "HostUpClient",
     "HttpConfig",
     "ResendResult",
+    "ShardedTransport",
     "build_http_client",
     "build_provider",
 ]

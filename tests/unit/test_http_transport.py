@@ -1,0 +1,56 @@
+"""The sharded transport: each thread keeps to one small pool, and the pools share the load."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import httpx
+import respx
+
+from invoice_mailer.billing import HttpConfig, ShardedTransport, build_http_client
+
+URL = "https://cloud.hostup.se/api/v2/ping"
+
+
+class _Recording(httpx.BaseTransport):
+    def __init__(self, name: int, seen: dict[int, set[int]]) -> None:
+        self.name, self.seen = name, seen
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen[threading.get_ident()].add(self.name)
+        return httpx.Response(204)
+
+
+def test_each_thread_keeps_to_one_shard_and_threads_spread_over_all() -> None:
+    seen: dict[int, set[int]] = defaultdict(set)
+    transport = ShardedTransport(shards=3, limits=httpx.Limits(max_connections=2))
+    transport._shards = [_Recording(n, seen) for n in range(3)]  # type: ignore[assignment]
+    client = httpx.Client(transport=transport)
+    start = threading.Barrier(6)
+
+    def calls() -> None:
+        start.wait()  # all six threads alive at once: six distinct thread ids
+        for _ in range(5):
+            assert client.get(URL).status_code == 204
+
+    threads = [threading.Thread(target=calls) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 6
+    assert all(len(shards) == 1 for shards in seen.values())
+    assert sorted(next(iter(s)) for s in seen.values()) == [0, 0, 1, 1, 2, 2]
+
+
+@respx.mock
+def test_the_built_client_splits_its_connection_budget_into_shards() -> None:
+    respx.get(URL).respond(200, json={})
+    with build_http_client(HttpConfig(max_connections=20, shard_size=8)) as http:
+        transport = http._transport
+        assert isinstance(transport, ShardedTransport)
+        assert len(transport._shards) == 3
+        assert http.get(URL).json() == {}
+    with build_http_client(HttpConfig(max_connections=1)) as http:
+        assert len(http._transport._shards) == 1  # type: ignore[attr-defined]

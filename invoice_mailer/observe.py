@@ -57,13 +57,29 @@ class Observers:
                 )
 
 
+# Steps that went as they should on the way to the event's outcome: logged at DEBUG,
+# so an event that goes well is one INFO line (its publication). A line costs about
+# 0.15 ms of worker CPU, a tenth of the whole event's (README, "Performance").
+_ROUTINE = frozenset({"accepted", "done"})
+
+
 class LoggingObserver:
-    """One structured line per step; fields go to ``extra`` for JSON formatters."""
+    """One structured line per step; fields go to ``extra`` for JSON formatters.
+
+    Routine steps are DEBUG, the outcome and anything unusual INFO, give-ups WARNING.
+    """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("invoice_mailer.pipeline")
 
     def on_step(self, record: StepRecord) -> None:
-        level = logging.WARNING if record.outcome in ("gave_up", "invalid") else logging.INFO
+        if record.outcome in ("gave_up", "invalid"):
+            level = logging.WARNING
+        elif record.outcome in _ROUTINE:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        if not self._log.isEnabledFor(level):
+            return
         fields = {k: v for k, v in asdict(record).items() if v is not None and k != "detail"}
         self._log.log(level, "%s %s", record.step, record.outcome, extra=fields)

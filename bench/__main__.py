@@ -47,6 +47,7 @@ class Figures:
     light_latency: list[float] = field(default_factory=list)
     burst_latency: list[float] = field(default_factory=list)
     cpu_ms_per_event: float = 0.0
+    sys_cpu_ms_per_event: float = 0.0
     peak_rss_mb: list[float] = field(default_factory=list)
     backlog_events_per_second: float | None = None
     backlog_peak_rss_mb: list[float] = field(default_factory=list)
@@ -189,14 +190,22 @@ def run_system(name: str, k: int, args: argparse.Namespace, api: str, start: Sta
                 harness.wait_all(timeout=120)
                 figures.light_latency = harness.latencies()
                 harness.reset()
-                cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+                cpu_before = [cpu_seconds(p.pid) for p in procs]
                 first = time.monotonic()
                 harness.publish_burst(args.events)
                 last = harness.wait_all(timeout=900)
-                cpu_after = sum(cpu_seconds(p.pid) for p in procs)
+                cpu_after = [cpu_seconds(p.pid) for p in procs]
                 figures.events_per_second = args.events / (last - first)
                 figures.burst_latency = harness.latencies()
-                figures.cpu_ms_per_event = (cpu_after - cpu_before) * 1000 / args.events
+                user, system = (
+                    sum(
+                        after[i] - before[i]
+                        for after, before in zip(cpu_after, cpu_before, strict=True)
+                    )
+                    for i in (0, 1)
+                )
+                figures.cpu_ms_per_event = (user + system) * 1000 / args.events
+                figures.sys_cpu_ms_per_event = system * 1000 / args.events
                 figures.peak_rss_mb = [peak_rss_mb(p.pid) for p in procs]
             finally:
                 stop(procs)
@@ -371,9 +380,10 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.kill()
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -412,6 +422,7 @@ def report(project: Figures, baseline: Figures | None, args: argparse.Namespace)
             f"burst latency p{p} ms", lambda f, p=p: percentile(f.burst_latency, p) * 1000, "{:.0f}"
         )
     row("CPU ms / event", lambda f: f.cpu_ms_per_event, "{:.2f}")
+    row("  of which system (kernel)", lambda f: f.sys_cpu_ms_per_event, "{:.2f}")
     row("peak RSS MB / process (max)", lambda f: max(f.peak_rss_mb), "{:.0f}")
     if args.backlog:
         row(

@@ -14,20 +14,25 @@ __all__ = ["SqliteLedger"]
 
 
 class SqliteLedger(SqlLedger):
-    """One connection per thread (sqlite3 connections are not shared), autocommit."""
+    """One connection per process, one statement at a time, autocommit.
+
+    SQLite lets one writer in at a time whatever we do. Threads queued on our lock
+    are let in the moment it is free; threads queued in SQLite's busy handler sleep
+    (1, 2, 5, 10 ms...) and try again: with 32 threads on their own connections that
+    was thousands of sleeps and lock probes a second (strace under ``python -m bench``).
+    Other processes on the same file still wait in the busy handler.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
         self._migrate()
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if self._conn is None:
             try:
                 # Autocommit: each statement is its own transaction. busy timeout:
                 # writers from other processes queue instead of failing at once.
@@ -35,22 +40,21 @@ class SqliteLedger(SqlLedger):
                     self._path,
                     timeout=30,
                     isolation_level=None,
-                    check_same_thread=False,  # used by one thread; closed by another at exit
+                    check_same_thread=False,  # shared by the threads, one at a time
                 )
                 conn.row_factory = sqlite3.Row
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives kill -9
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot open SQLite ledger {self._path!r}: {exc}") from exc
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+            self._conn = conn
+        return self._conn
 
     def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            cursor = self._connection().execute(sql, params)
-            return [dict(row) for row in cursor.fetchall()]
+            with self._lock:
+                cursor = self._connection().execute(sql, params)
+                return [dict(row) for row in cursor.fetchall()]
         except sqlite3.Error as exc:
             raise LedgerError(f"SQLite ledger: {exc}") from exc
 
@@ -76,7 +80,6 @@ class SqliteLedger(SqlLedger):
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

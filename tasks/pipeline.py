@@ -90,7 +90,8 @@ class FirstAttempt:
         self._consumer = consumer  # celery.worker.consumer.Consumer: pool, loop, events
 
     def submit(self, job: Job, message: Message) -> None:
-        self._consumer.pool.apply_async(self._run, args=(job, message))
+        # Celery's apply_target calls the callback with the result: it must be callable.
+        self._consumer.pool.apply_async(self._run, args=(job, message), callback=_ignore)
 
     def _run(self, job: Job, message: Message) -> None:
         task_id = task_id_for(job.event)
@@ -163,6 +164,10 @@ class FirstAttempt:
             dispatcher.send(kind, **fields)
         except Exception:
             log.debug("could not send %s", kind, exc_info=True)
+
+
+def _ignore(_: object) -> None:
+    pass
 
 
 def settle_quietly(action: Callable[[], object]) -> None:

@@ -85,9 +85,16 @@ def start_worker(
     workers: list[WorkerProcess] = []
 
     def start(
-        *, concurrency: int = 8, wait: bool = True, app: str = "tasks", **overrides: Any
+        *,
+        concurrency: int = 8,
+        wait: bool = True,
+        app: str = "tasks",
+        pool: str = "threads",
+        **overrides: Any,
     ) -> WorkerProcess:
-        worker = WorkerProcess(env(**overrides), tmp_path, concurrency=concurrency, app=app)
+        worker = WorkerProcess(
+            env(**overrides), tmp_path, concurrency=concurrency, app=app, pool=pool
+        )
         running = sum(1 for w in workers if w.proc is not None and w.proc.poll() is None)
         workers.append(worker.start(wait=wait, raw_consumers=running + 1))
         return worker

@@ -266,3 +266,11 @@ def test_429s_give_up_once_the_total_wait_would_pass_the_limit(
     assert event["data"]["reason"]["code"] == "rate_limit_exceeded"
     assert event["data"]["reason"]["status"] == 429
     assert len(bus.dead_letters()) == 1
+
+
+def test_a_worker_on_another_pool_refuses_to_start(start_worker: StartWorker) -> None:
+    """First attempts run in the threads pool; a solo or prefork worker stops at start."""
+    worker = start_worker(wait=False, pool="solo")
+    assert worker.proc is not None
+    assert worker.proc.wait(timeout=60) != 0
+    assert "invoice-mailer runs on the threads pool: use --pool threads" in worker.log()

@@ -54,9 +54,11 @@ class WorkerProcess:
         concurrency: int = 8,
         name: str | None = None,
         app: str = "tasks",
+        pool: str = "threads",
     ) -> None:
         self.env = env
         self.app = app
+        self.pool = pool
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@test"
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
         self.concurrency = concurrency
@@ -73,7 +75,7 @@ class WorkerProcess:
                 self.app,
                 "worker",
                 "--pool",
-                "threads",
+                self.pool,
                 "--concurrency",
                 str(self.concurrency),
                 "--hostname",

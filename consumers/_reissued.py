@@ -2,7 +2,7 @@
 
 It runs on the worker's event loop (a Celery consumer bootstep), so it does no
 HTTP and nothing slow: it validates the event and gives it to the worker's
-thread pool (``tasks.FirstAttempt``), which settles the message when the attempt
+thread pool (``tasks.pipeline.FirstAttempt``), which settles the message when the attempt
 is over. Events that can never be processed are dead-lettered with their reason,
 and an ``invoice.email_failed`` is published; the worker goes on with the next
 one. Nothing raised here may escape: an exception from a callback stops the worker.
@@ -51,8 +51,8 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
 
     def start(self, c: Any) -> None:
         if not isinstance(c.pool, ThreadPool):
-            # Other pools would pickle the work into child processes or green threads
-            # that do not share the per-process HTTP client, ledger and publisher.
+            # prefork would pickle the work into child processes (the HTTP client, ledger
+            # and publisher are per process); solo would run it on the event loop.
             raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
         self._attempts = FirstAttempt(self.app, c)
         self.app.settings.topology().declare(c.connection)

@@ -10,6 +10,7 @@ one. Nothing raised here may escape: an exception from a callback stops the work
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any
@@ -89,7 +90,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         except Exception:
             # A bug, not bad input: the raw queue dead-letters it (x-death says why).
             log.exception("unexpected error handling an event; rejecting it")
-            settle_quietly(lambda: message.reject(requeue=False))
+            settle_quietly(functools.partial(message.reject, requeue=False))
 
     def _handle(self, message: Message) -> None:
         body = raw_body(message)

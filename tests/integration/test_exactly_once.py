@@ -5,7 +5,6 @@ Real worker processes, the real RabbitMQ, the sandbox, and both ledger backends.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +14,10 @@ import pytest
 
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, wait_until
+from tests.support.broker import Bus, new_invoice, wait_until
 from tests.support.tasks import TaskWatcher
-from tests.support.worker import WorkerProcess
+from tests.support.worker import RAW_QUEUE, TASK_QUEUE, WorkerProcess
 
-RAW_QUEUE, TASK_QUEUE = "invoice-mailer.reissued", "invoice-mailer.tasks"
 # Short HTTP timeout: a killed worker's lease (2 x timeout + 5 s) then ends in 7 s.
 QUICK = {"HTTP_TIMEOUT_SECONDS": "1", "RETRY_SERVER_ERROR_BASE_SECONDS": "1"}
 
@@ -27,10 +25,6 @@ QUICK = {"HTTP_TIMEOUT_SECONDS": "1", "RETRY_SERVER_ERROR_BASE_SECONDS": "1"}
 @pytest.fixture
 def ledger_url(any_ledger_url: str) -> str:
     return any_ledger_url
-
-
-def _invoice() -> str:
-    return f"inv_{uuid.uuid4().hex[:16]}"
 
 
 @pytest.fixture
@@ -68,7 +62,7 @@ def test_the_same_event_twice_makes_one_post_and_one_event(
 ) -> None:
     """A duplicate upstream publish, after the first was done: skipped, not resent."""
     worker = start_worker(**QUICK)
-    invoice = _invoice()
+    invoice = new_invoice()
     event = bus.reissue(invoice)
     bus.wait_for(1)
     bus.publish_event(event)
@@ -86,7 +80,7 @@ def test_the_same_event_to_two_workers_at_once_makes_one_post(
 ) -> None:
     """Two workers get the same event at the same moment: one wins the claim, one waits."""
     workers = [start_worker(**QUICK), start_worker(**QUICK)]
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=None, delay=0.8)])  # keep them overlapping
     event = bus.reissue(invoice)
     bus.publish_event(event)
@@ -115,7 +109,7 @@ def test_kill_9_at_each_point_ends_with_one_email_and_one_event(
         CRASH_MARKER=str(tmp_path / "crashed"),
         **QUICK,
     )
-    invoice = _invoice()
+    invoice = new_invoice()
     bus.reissue(invoice)
     assert crashing.proc is not None
     assert crashing.proc.wait(timeout=60) == -9
@@ -135,7 +129,7 @@ def test_kill_9_while_the_api_holds_the_post_open_sends_no_second_post(
     """The worker dies mid-request; the API queued the email anyway. The next run finds
     it in email-info instead of sending again."""
     worker = start_worker(HTTP_TIMEOUT_SECONDS="3")
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=None, delay=2.0, then_succeed=True)])
     bus.reissue(invoice)
     wait_until(
@@ -157,7 +151,7 @@ def test_a_dropped_connection_after_the_email_was_queued_is_not_resent(
 ) -> None:
     """The API queued the email but the answer was lost: email-info shows it, no resend."""
     start_worker(**QUICK)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=None, drop=True, then_succeed=True)])
     bus.reissue(invoice)
 
@@ -173,7 +167,7 @@ def test_a_dropped_connection_before_anything_happened_is_resent_with_the_same_k
 ) -> None:
     """Nothing in email-info after a lost answer: the resend goes again, same Idempotency-Key."""
     start_worker(**QUICK)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=None, drop=True)])
     bus.reissue(invoice)
 
@@ -191,7 +185,7 @@ def test_three_workers_on_one_postgres_ledger_600_events_10_percent_twice(
 ) -> None:
     """600 events, 60 of them published twice, 3 workers: 600 POSTs, 600 events out."""
     workers = [start_worker(LEDGER_URL=postgres_url, **QUICK) for _ in range(3)]
-    invoices = [_invoice() for _ in range(600)]
+    invoices = [new_invoice() for _ in range(600)]
     events_in = [bus.reissue(invoice) for invoice in invoices]
     for event in events_in[::10]:
         bus.publish_event(event)

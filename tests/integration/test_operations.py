@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
-from tests.support.broker import Bus, wait_until
+from tests.support.broker import Bus, new_invoice, wait_until
 
 TASK = "invoice_mailer.resend_invoice_email"
 
@@ -27,13 +26,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _invoice() -> str:
-    return f"inv_{uuid.uuid4().hex[:12]}"
-
-
 def _mixed_run(bus: Bus, sandbox: Sandbox) -> dict[str, str]:
     """Success, 429 then success, 503 then success, 404, and one invalid event."""
-    invoices = {"ok": _invoice(), "limited": _invoice(), "flaky": _invoice(), "gone": _invoice()}
+    invoices = {
+        "ok": new_invoice(),
+        "limited": new_invoice(),
+        "flaky": new_invoice(),
+        "gone": new_invoice(),
+    }
     sandbox.script(invoices["limited"], "resend", [Fault(status=429, retry_after="1")])
     sandbox.script(invoices["flaky"], "resend", [Fault(status=503)])
     sandbox.script(invoices["gone"], "resend", [Fault(status=404)])
@@ -92,9 +92,9 @@ def test_flower_shows_the_tasks_behind_basic_auth(
         timeout=60,
         what="Flower to see the worker",
     )
-    gone = _invoice()
+    gone = new_invoice()
     sandbox.script(gone, "resend", [Fault(status=404)])
-    bus.reissue(_invoice())
+    bus.reissue(new_invoice())
     bus.reissue(gone)
     bus.wait_for(2)
 
@@ -170,7 +170,7 @@ def test_json_logs_one_line_per_event_without_addresses_or_keys(
 ) -> None:
     """LOG_FORMAT=json: an event that goes well is one INFO JSON line with its fields."""
     worker = start_worker(LOG_FORMAT="json")
-    invoice = _invoice()
+    invoice = new_invoice()
     event = bus.reissue(invoice)
     bus.wait_for(1)
     worker.stop()

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 
 from sandbox import DEFAULT_API_KEY, Sandbox
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus
-
-
-def _invoice() -> str:
-    return f"inv_{uuid.uuid4().hex[:20]}"
+from tests.support.broker import Bus, new_invoice
 
 
 def test_each_event_makes_one_post_one_get_and_one_email_queued(
@@ -20,7 +15,7 @@ def test_each_event_makes_one_post_one_get_and_one_email_queued(
 ) -> None:
     """Every invoice.reissued leads to exactly one resend, one email-info and one event out."""
     start_worker()
-    invoices = [_invoice() for _ in range(3)]
+    invoices = [new_invoice() for _ in range(3)]
     published = {inv: bus.reissue(inv) for inv in invoices}
 
     events = bus.wait_for(3)
@@ -65,7 +60,7 @@ def test_outgoing_events_are_persistent_structured_cloudevents(
 ) -> None:
     """Events out are persistent, typed application/cloudevents+json, message id = event id."""
     start_worker()
-    bus.reissue(_invoice())
+    bus.reissue(new_invoice())
     [event] = bus.wait_for(1)
     [message] = bus.received_messages
     assert message.content_type == "application/cloudevents+json"
@@ -78,7 +73,7 @@ def test_outgoing_events_are_persistent_structured_cloudevents(
 def test_plain_application_json_events_are_accepted(start_worker: StartWorker, bus: Bus) -> None:
     """Upstream may send plain application/json (with a charset) instead of CloudEvents JSON."""
     start_worker()
-    invoice = _invoice()
+    invoice = new_invoice()
     body = json.dumps(
         {
             "specversion": "1.0",
@@ -98,7 +93,7 @@ def test_a_burst_of_200_events_all_come_out_once(
 ) -> None:
     """200 events published at once: 200 resends, 200 events out, none twice."""
     worker = start_worker(concurrency=16)
-    invoices = [_invoice() for _ in range(200)]
+    invoices = [new_invoice() for _ in range(200)]
     for invoice in invoices:
         bus.reissue(invoice)
 
@@ -123,8 +118,8 @@ def test_outgoing_event_id_derives_from_the_incoming_source_and_id(
     from invoice_mailer.events import outgoing_event_id
 
     start_worker()
-    bus.reissue(_invoice(), event_id="evt_same", source="/billing/a")
-    bus.reissue(_invoice(), event_id="evt_same", source="/billing/b")
+    bus.reissue(new_invoice(), event_id="evt_same", source="/billing/a")
+    bus.reissue(new_invoice(), event_id="evt_same", source="/billing/b")
     events = bus.wait_for(2)
     ids = {e["data"]["reissuedEvent"]["source"]: e["id"] for e in events}
     assert ids["/billing/a"] == outgoing_event_id("invoice.email_queued", "/billing/a", "evt_same")

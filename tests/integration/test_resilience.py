@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from invoice_mailer.ledger import open_ledger
 from invoice_mailer.topology import Topology
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
-from tests.support.broker import Bus, wait_until
+from tests.support.broker import Bus, new_invoice, wait_until
 from tests.support.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,10 +32,6 @@ QUICK = {
     "RETRY_SERVER_ERROR_BASE_SECONDS": "1",
     "RETRY_SERVER_ERROR_MAX_SECONDS": "4",
 }
-
-
-def _invoice() -> str:
-    return f"inv_{uuid.uuid4().hex[:16]}"
 
 
 def _published(ledger_url: str) -> int:
@@ -92,7 +87,7 @@ def test_sigterm_mid_burst_finishes_or_returns_work_and_exits_in_time(
     the burst has exactly one invoice.email_queued."""
     sandbox.configure(latency=0.2)
     worker = start_worker(concurrency=8, **QUICK)
-    invoices = [_invoice() for _ in range(120)]
+    invoices = [new_invoice() for _ in range(120)]
     for invoice in invoices:
         bus.reissue(invoice)
     bus.wait_for(20, timeout=60)
@@ -120,7 +115,7 @@ def test_a_broker_restart_mid_burst_loses_and_doubles_nothing(
     bus = Bus(broker_url, capture="test.capture.durable")  # survives the restart
     sandbox.configure(latency=0.05)
     worker = start_worker(concurrency=8, **QUICK)
-    invoices = [_invoice() for _ in range(300)]
+    invoices = [new_invoice() for _ in range(300)]
     for invoice in invoices:
         bus.reissue(invoice)
     bus.wait_for(30, timeout=60)
@@ -175,7 +170,7 @@ def test_scale_out_with_the_procfile_line(
             timeout=90,
             what=f"{processes} workers consuming",
         )
-        invoices = [_invoice() for _ in range(200)]
+        invoices = [new_invoice() for _ in range(200)]
         events = [bus.reissue(invoice) for invoice in invoices]
         for event in events[::10]:
             bus.publish_event(event)
@@ -193,14 +188,14 @@ def test_a_poison_event_is_dead_lettered_and_the_others_keep_flowing(
 ) -> None:
     """An event that kills its worker every time: after 3 dead workers it is given up
     (email_failed, dead letter) instead of looping; 20 others all go through."""
-    poison = _invoice()
+    poison = new_invoice()
     crashing = {
         "app": "tests.support.crashing_app",
         "CRASH_AT": "claimed",
         "CRASH_INVOICE": poison,
         "HTTP_TIMEOUT_SECONDS": "1",
     }
-    others = [_invoice() for _ in range(20)]
+    others = [new_invoice() for _ in range(20)]
     Topology().declare(bus.conn)  # as the first worker would: the events wait for it
     bus.reissue(poison)
     for invoice in others:
@@ -292,7 +287,7 @@ def test_a_misbehaving_api_is_handled_by_the_retry_table(
     """HTML, empty bodies, 200s of the wrong shape, problems without `code`: each ends
     as the retry table says, with a clear reason."""
     start_worker(**QUICK)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, endpoint, [fault])
     bus.reissue(invoice)
 
@@ -341,7 +336,7 @@ def test_long_run_10000_events_two_workers_flaky_api(
     workers: list[WorkerProcess] = [
         start_worker(concurrency=16, LOG_FORMAT="json", **QUICK) for _ in range(2)
     ]
-    invoices = [_invoice() for _ in range(10_000)]
+    invoices = [new_invoice() for _ in range(10_000)]
     for invoice in invoices[:1000]:
         bus.reissue(invoice)
     _wait_published(ledger_url, 1000, timeout=120)

@@ -8,13 +8,13 @@ through the environment.
 from __future__ import annotations
 
 import itertools
-import uuid
 
 import pytest
 
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, wait_until
+from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.worker import RAW_QUEUE, TASK_QUEUE
 
 FAST = {
     "RETRY_SERVER_ERROR_BASE_SECONDS": "1",
@@ -22,10 +22,6 @@ FAST = {
     # Five tries: more than Celery's default of three retries, which must not apply.
     "RETRY_SERVER_ERROR_MAX_ATTEMPTS": "5",
 }
-
-
-def _invoice() -> str:
-    return f"inv_{uuid.uuid4().hex[:16]}"
 
 
 def _gaps(times: list[float]) -> list[float]:
@@ -37,7 +33,7 @@ def test_a_429_with_retry_after_waits_at_least_that_long(
 ) -> None:
     """429 Retry-After: 3 on resend: the second POST comes no sooner than 3 s later."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=429, retry_after="3")])
     bus.reissue(invoice)
 
@@ -55,7 +51,7 @@ def test_server_errors_back_off_with_growing_gaps(
 ) -> None:
     """503, 503, 200: three POSTs, the second gap longer than the first, one event out."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=503), Fault(status=503)])
     bus.reissue(invoice)
 
@@ -74,7 +70,7 @@ def test_server_errors_forever_give_up_after_max_attempts(
 ) -> None:
     """500 forever: exactly RETRY_SERVER_ERROR_MAX_ATTEMPTS POSTs, then failed + dead letter."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=500) for _ in range(10)])
     cause = bus.reissue(invoice)
 
@@ -104,7 +100,7 @@ def test_client_errors_are_not_retried(
 ) -> None:
     """404, 401, 403, 400: one POST, invoice.email_failed with the API's code, a dead letter."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=status)])
     bus.reissue(invoice)
 
@@ -128,7 +124,7 @@ def test_email_info_retries_never_repeat_the_resend(
 ) -> None:
     """email-info 503, then 429, then 200: one POST, three GETs, one email_queued."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "email_info", [Fault(status=503), Fault(status=429, retry_after="1")])
     bus.reissue(invoice)
 
@@ -145,7 +141,7 @@ def test_email_info_giving_up_still_reports_the_queued_email(
 ) -> None:
     """email-info fails for good after the email was queued: email_queued, emailInfo null."""
     start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "email_info", [Fault(status=500) for _ in range(10)])
     bus.reissue(invoice)
 
@@ -170,7 +166,7 @@ def test_timeouts_and_dropped_connections_are_retried_like_5xx(
 ) -> None:
     """No answer in time, or the connection cut: retried with backoff, then success."""
     start_worker(HTTP_TIMEOUT_SECONDS="1", **FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [fault])
     bus.reissue(invoice)
 
@@ -183,9 +179,6 @@ def test_timeouts_and_dropped_connections_are_retried_like_5xx(
     assert len(sandbox.emails(invoice)) == 1
 
 
-RAW_QUEUE, TASK_QUEUE = "invoice-mailer.reissued", "invoice-mailer.tasks"
-
-
 def _park_behind_a_429(
     start_worker: StartWorker, bus: Bus, sandbox: Sandbox, wait_seconds: int
 ) -> tuple[str, float]:
@@ -196,7 +189,7 @@ def _park_behind_a_429(
     task and raw queues prove the worker held nothing: the wait lives in the broker.
     """
     worker = start_worker(**FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=429, retry_after_seconds=wait_seconds)])
     bus.reissue(invoice)
     wait_until(lambda: bus.delayed_messages() == 1, timeout=30, what="a parked retry")
@@ -255,7 +248,7 @@ def test_429s_give_up_once_the_total_wait_would_pass_the_limit(
 ) -> None:
     """RETRY_RATE_LIMIT_MAX_WAIT_SECONDS=4, two 429s asking 2 s: the second gives up."""
     start_worker(RETRY_RATE_LIMIT_MAX_WAIT_SECONDS="4", **FAST)
-    invoice = _invoice()
+    invoice = new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=429, retry_after="2") for _ in range(5)])
     bus.reissue(invoice)
 

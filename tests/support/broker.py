@@ -47,6 +47,11 @@ def fresh_vhost() -> Iterator[str]:
         _rabbitmqctl("delete_vhost", name)
 
 
+def new_invoice() -> str:
+    """A fresh public invoice id, as HostUp writes them: one per test case, no clashes."""
+    return f"inv_{uuid.uuid4().hex[:16]}"
+
+
 def reissued_event(
     invoice: str,
     *,

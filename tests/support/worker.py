@@ -16,7 +16,7 @@ from kombu import Connection
 
 from sandbox import DEFAULT_API_KEY
 
-RAW_QUEUE = "invoice-mailer.reissued"
+RAW_QUEUE, TASK_QUEUE = "invoice-mailer.reissued", "invoice-mailer.tasks"
 _SCRUBBED_PREFIXES = ("CELERY_", "HOSTUP_", "ABILLIFY_", "BILLING_", "RETRY_", "SENTRY_", "LEDGER_")
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from invoice_mailer.billing import ResendResult
-from invoice_mailer.ledger import AlreadyDone, Busy, Claim, Claimed, Ledger, open_ledger
+from invoice_mailer.ledger import (
+    AlreadyDone,
+    Busy,
+    Claim,
+    Claimed,
+    Ledger,
+    LedgerError,
+    open_ledger,
+)
+from invoice_mailer.ledger._sqlite import SqliteLedger, _Statement
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
@@ -201,3 +211,19 @@ def test_taking_over_an_expired_lease_is_counted(ledger: Ledger) -> None:
     assert claim.record.takeovers == 1
     assert isinstance(claim := _claim(ledger, "d", now=T0 + 4 + 2 * LEASE), Claimed)
     assert claim.record.takeovers == 2
+
+
+def test_sqlite_a_failing_statement_in_a_batch_fails_only_its_caller(tmp_path: Path) -> None:
+    """The writer commits queued statements together; one error does not sink the others."""
+    ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
+    try:
+        good = _Statement("INSERT INTO invoice_mailer_schema VALUES (:v)", {"v": 99})
+        bad = _Statement("INSERT INTO no_such_table VALUES (:v)", {"v": 1})
+        read = _Statement("SELECT MAX(version) AS v FROM invoice_mailer_schema", {})
+        ledger._run([good, bad, read])  # the writer thread is idle: nothing is queued
+        assert good.wait() == []
+        with pytest.raises(LedgerError, match="no_such_table"):
+            bad.wait()
+        assert read.wait() == [{"v": 99}]
+    finally:
+        ledger.close()

@@ -7,8 +7,10 @@ task adapter hands to the broker to hold.
 
 Exactly-once where it matters: a resend recorded in the ledger is never sent
 again; a resend whose effect is unknown (timed out after sending, or the worker
-died mid-request) is first looked for in email-info; outgoing events carry ids
-derived from the incoming event, so a re-publication after a crash is recognisable.
+died before its result was recorded) is first looked for in email-info; outgoing
+events carry ids derived from the incoming event, so a re-publication after a
+crash is recognisable. The claim marks the resend in flight and the publication
+records its result: two ledger writes per event, each a wait on the writer.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ POISON_TAKEOVERS = 3
 IDEMPOTENCY_MARGIN_SECONDS = 600.0
 
 Checkpoint = Callable[[str, "Job"], None]
-"""Called with ``claimed``, ``resend_recorded`` and ``published`` as a run passes them."""
+"""Called with ``claimed``, ``resent`` and ``published`` as a run passes them."""
 
 
 def idempotency_key(event: Reissued, step: str) -> str:
@@ -232,6 +234,7 @@ class Pipeline:
                 lease_seconds=self._lease_seconds,
                 now=self._now(),
                 reopen_failed=job.replay,
+                begin_resend=job.failure is None,
             )
         except LedgerError as exc:
             return self._ledger_unavailable(job, exc)
@@ -248,11 +251,11 @@ class Pipeline:
             return self._give_up_poison(job, owner, claim.record.takeovers)
         self._checkpoint("claimed", job)
         try:
-            outcome = self._steps(job, owner)
+            outcome = self._steps(job, owner, claim.resend_begun_at)
         except LedgerError as exc:
             outcome = self._ledger_unavailable(job, exc)
         if isinstance(outcome, RetryLater):
-            self._release(job, owner)
+            self._release(outcome.job, owner)
         return outcome
 
     def _give_up_poison(self, job: Job, owner: str, takeovers: int) -> Outcome:
@@ -278,18 +281,18 @@ class Pipeline:
         except LedgerError as exc:
             outcome = self._ledger_unavailable(job, exc)
         if isinstance(outcome, RetryLater):
-            self._release(job, owner)
+            self._release(outcome.job, owner)
         return outcome
 
-    def _steps(self, job: Job, owner: str) -> Outcome:
+    def _steps(self, job: Job, owner: str, resend_begun_at: float | None) -> Outcome:
         if job.failure is not None:
             return self._publish_failure(job)
         if job.resend is None:
-            outcome = self._resend(job, owner)
+            outcome = self._resend(job, owner, resend_begun_at)
             if not isinstance(outcome, Job):
                 return outcome
             job = outcome
-            self._checkpoint("resend_recorded", job)
+            self._checkpoint("resent", job)
         if self._provider.has_email_info and not job.email_info_done:
             outcome = self._email_info(job)
             if not isinstance(outcome, Job):
@@ -299,7 +302,10 @@ class Pipeline:
 
     # -- resend ----------------------------------------------------------------------------
 
-    def _resend(self, job: Job, owner: str) -> Job | Outcome:
+    def _resend(self, job: Job, owner: str, begun_at: float | None) -> Job | Outcome:
+        """POST the resend. Its result is recorded with the publication (or the lease's
+        release before a retry): a crash in between leaves it in flight, and the next
+        run looks for it in email-info (or sends it again under the same key)."""
         uncertain = job.resend_uncertain_since
         if uncertain is not None and self._provider.has_email_info:
             found = self._find_uncertain_resend(job)
@@ -309,9 +315,13 @@ class Pipeline:
         if uncertain is not None and not job.replay and self._idempotency_key_expired(uncertain):
             return self._give_up_uncertain(job, uncertain)
         started = self._clock()
-        first_started = self._ledger.begin_resend(
-            job.event.key, owner=owner, now=self._now(), lease_seconds=self._lease_seconds
-        )
+        first_started = begun_at
+        if first_started is None or job.resend_uncertain_since is not None:
+            # Not marked by the claim, or time has passed since (email-info was asked):
+            # mark it now, if the lease is still ours.
+            first_started = self._ledger.begin_resend(
+                job.event.key, owner=owner, now=self._now(), lease_seconds=self._lease_seconds
+            )
         if first_started is None:  # someone else took the event over: let them finish
             self._log(job, RESEND, "lease_lost", started, wait=1)
             return RetryLater(job, 1, RESEND, "lease_lost")
@@ -327,7 +337,6 @@ class Pipeline:
                 # earlier POST whose answer was lost: that one stays uncertain.)
                 self._ledger.resend_not_sent(job.event.key)
             return self._resend_failed(job, error, started)
-        self._ledger.record_resend(job.event.key, result, now=self._now())
         self._log(job, RESEND, "done", started, status=200)
         return replace(
             job, resend=result, resend_uncertain_since=None, history=_one_more(job, RESEND)
@@ -440,6 +449,7 @@ class Pipeline:
             now=self._now(),
             email_info=job.email_info,
             email_info_error=job.email_info_error,
+            resend=job.resend,
         )
         self._log(job, PUBLISH, "published", started)
         self._checkpoint("published", job)
@@ -539,7 +549,7 @@ class Pipeline:
 
     def _release(self, job: Job, owner: str) -> None:
         try:
-            self._ledger.release(job.event.key, owner)
+            self._ledger.release(job.event.key, owner, resend=job.resend)
         except LedgerError:
             log.warning("could not release the lease; it expires on its own", exc_info=True)
 

@@ -2,9 +2,12 @@
 
 Keyed by the event's ``(source, id)``. A run *claims* the event with a lease before
 doing anything; a second run (a duplicate publish, a redelivery) finds the event
-done, or busy, or free to take over once the lease expired. Every effect is
-recorded as soon as it is known, so a redelivery resumes at the first step not
-done and never repeats a resend.
+done, or busy, or free to take over once the lease expired. A resend is marked
+in flight (by the claim) before it is sent, and its result is recorded with the
+publication or when the lease is given back: two writes for an event that goes
+well. A run that dies in between leaves the resend in flight, and the next run
+finds it in email-info (or sends it again under the same idempotency key) rather
+than repeating it blind.
 """
 
 from __future__ import annotations
@@ -97,9 +100,15 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """This run holds the event's lease; ``record`` says what is done already."""
+    """This run holds the event's lease; ``record`` says what was done before it.
+
+    ``resend_begun_at`` is set when the claim also marked the resend as in flight
+    (``begin_resend=True`` and no resend recorded): when the event's first resend
+    began. ``record.resend_in_flight`` still tells of an earlier run's resend.
+    """
 
     record: Record
+    resend_begun_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +141,18 @@ class Ledger(Protocol):
         lease_seconds: float,
         now: float,
         reopen_failed: bool = False,
+        begin_resend: bool = False,
     ) -> Claim:
         """Take the event's lease, atomically. ``reopen_failed`` lets a replay retry
-        an event that had failed (a published one stays done)."""
+        an event that had failed (a published one stays done). ``begin_resend`` also
+        marks a resend as in flight, in the same write, unless one is recorded."""
         ...
 
     def begin_resend(
         self, key: EventKey, *, owner: str, now: float, lease_seconds: float
     ) -> float | None:
-        """Mark a resend as in flight and renew the lease, if this run still holds it.
+        """Mark a resend as in flight and renew the lease, if this run still holds it
+        (after time has passed since the claim).
 
         Returns when the event's first resend started (Unix time), or None when the
         lease is lost and the resend must not be sent.
@@ -170,16 +182,19 @@ class Ledger(Protocol):
         now: float,
         email_info: dict[str, Any] | None = None,
         email_info_error: str | None = None,
+        resend: ResendResult | None = None,
     ) -> None:
-        """``invoice.email_queued`` went out: the event is done, with what it reported."""
+        """``invoice.email_queued`` went out: the event is done, with what it reported
+        (and the resend, if it was not recorded yet)."""
         ...
 
     def record_failed(
         self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
     ) -> None: ...
 
-    def release(self, key: EventKey, owner: str) -> None:
-        """Give the lease back (before a retry waits in the broker)."""
+    def release(self, key: EventKey, owner: str, *, resend: ResendResult | None = None) -> None:
+        """Give the lease back (before a retry waits in the broker), recording the
+        resend if it happened and was not recorded yet."""
         ...
 
     def find(self, event_id: str) -> list[Record]:

@@ -91,6 +91,7 @@ class SqlLedger(ABC):
         lease_seconds: float,
         now: float,
         reopen_failed: bool = False,
+        begin_resend: bool = False,
     ) -> Claim:
         params = {
             **_key(key),
@@ -99,6 +100,7 @@ class SqlLedger(ABC):
             "owner": owner,
             "now": now,
             "expires": now + lease_seconds,
+            "begin": int(begin_resend),
         }
         if reopen_failed:
             self._execute(
@@ -109,15 +111,25 @@ class SqlLedger(ABC):
             )
         # One statement: insert the event, or take its lease if it is free, expired or
         # ours already. A row comes back only when this run holds the lease.
+        # resend_in_flight counts runs that began a resend without a definite answer:
+        # a claim that begins one adds itself, so more than one means an earlier run's
+        # resend is uncertain. (Every write is a round trip: one, not two.)
         rows = self._execute(
             f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
-                    lease_owner, lease_expires_at, created_at, updated_at)
+                    lease_owner, lease_expires_at, resend_in_flight, resend_first_started_at,
+                    created_at, updated_at)
                 VALUES (:source, :event_id, :invoice, :provider, '{OPEN}',
-                    :owner, :expires, :now, :now)
+                    :owner, :expires, :begin, CASE WHEN :begin = 1 THEN :now END, :now, :now)
                 ON CONFLICT (source, event_id) DO UPDATE SET
                     takeovers = {TABLE}.takeovers + CASE
                         WHEN {TABLE}.lease_owner IS NOT NULL AND {TABLE}.lease_owner <> :owner
                         THEN 1 ELSE 0 END,
+                    resend_in_flight = {TABLE}.resend_in_flight + CASE
+                        WHEN :begin = 1 AND {TABLE}.resend IS NULL THEN 1 ELSE 0 END,
+                    resend_first_started_at = CASE
+                        WHEN :begin = 1 AND {TABLE}.resend IS NULL
+                        THEN COALESCE({TABLE}.resend_first_started_at, :now)
+                        ELSE {TABLE}.resend_first_started_at END,
                     lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
                 WHERE {TABLE}.state = '{OPEN}'
                   AND ({TABLE}.lease_owner IS NULL OR {TABLE}.lease_expires_at <= :now
@@ -126,7 +138,14 @@ class SqlLedger(ABC):
             params,
         )
         if rows:
-            return Claimed(Record.from_row(rows[0]))
+            row = rows[0]
+            began = begin_resend and row["resend"] is None
+            if began:  # the record as it was before this claim began the resend
+                row = {**row, "resend_in_flight": row["resend_in_flight"] - 1}
+            return Claimed(
+                Record.from_row(row),
+                resend_begun_at=float(row["resend_first_started_at"]) if began else None,
+            )
         record = self._get(key)
         if record is None or record.final:
             return AlreadyDone(record) if record else Busy(retry_in=1.0)
@@ -136,7 +155,8 @@ class SqlLedger(ABC):
         self, key: EventKey, *, owner: str, now: float, lease_seconds: float
     ) -> float | None:
         rows = self._execute(
-            f"""UPDATE {TABLE} SET resend_in_flight = 1,
+            f"""UPDATE {TABLE} SET resend_in_flight = CASE
+                        WHEN resend_in_flight > 0 THEN resend_in_flight ELSE 1 END,
                     resend_first_started_at = COALESCE(resend_first_started_at, :now),
                     lease_expires_at = CASE WHEN :expires > lease_expires_at
                         THEN :expires ELSE lease_expires_at END,
@@ -165,7 +185,7 @@ class SqlLedger(ABC):
                 WHERE {_KEY}""",
             {
                 **_key(key),
-                "resend": json.dumps(result.to_dict()),
+                "resend": _resend_json(result),
                 "now": now,
                 "info": json.dumps(email_info) if email_info is not None else None,
             },
@@ -179,9 +199,11 @@ class SqlLedger(ABC):
         now: float,
         email_info: dict[str, Any] | None = None,
         email_info_error: str | None = None,
+        resend: ResendResult | None = None,
     ) -> None:
         self._execute(
             f"""UPDATE {TABLE} SET state = '{PUBLISHED}', outcome_event_id = :outcome,
+                    resend = COALESCE(resend, :resend), resend_in_flight = 0,
                     email_info = :info, email_info_error = :error, email_info_done = 1,
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
                 WHERE {_KEY}""",
@@ -191,6 +213,7 @@ class SqlLedger(ABC):
                 "now": now,
                 "error": email_info_error,
                 "info": json.dumps(email_info) if email_info is not None else None,
+                "resend": _resend_json(resend),
             },
         )
 
@@ -205,11 +228,18 @@ class SqlLedger(ABC):
             {**_key(key), "outcome": outcome_event_id, "now": now, "failure": json.dumps(failure)},
         )
 
-    def release(self, key: EventKey, owner: str) -> None:
+    def release(self, key: EventKey, owner: str, *, resend: ResendResult | None = None) -> None:
+        # The resend is a fact whoever holds the lease now; the lease is only ours to give.
         self._execute(
-            f"""UPDATE {TABLE} SET lease_owner = NULL, lease_expires_at = NULL
-                WHERE {_KEY} AND lease_owner = :owner""",
-            {**_key(key), "owner": owner},
+            f"""UPDATE {TABLE} SET
+                    resend = COALESCE(resend, :resend),
+                    resend_in_flight = CASE
+                        WHEN :resend IS NULL THEN resend_in_flight ELSE 0 END,
+                    lease_expires_at = CASE
+                        WHEN lease_owner = :owner THEN NULL ELSE lease_expires_at END,
+                    lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END
+                WHERE {_KEY}""",
+            {**_key(key), "owner": owner, "resend": _resend_json(resend)},
         )
 
     def find(self, event_id: str) -> list[Record]:
@@ -235,6 +265,10 @@ class SqlLedger(ABC):
     def _get(self, key: EventKey) -> Record | None:
         rows = self._execute(f"SELECT * FROM {TABLE} WHERE {_KEY}", _key(key))
         return Record.from_row(rows[0]) if rows else None
+
+
+def _resend_json(result: ResendResult | None) -> str | None:
+    return json.dumps(result.to_dict()) if result is not None else None
 
 
 def _key(key: EventKey) -> dict[str, Any]:

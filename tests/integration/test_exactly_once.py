@@ -92,7 +92,7 @@ def test_the_same_event_to_two_workers_at_once_makes_one_post(
     assert len(sandbox.emails(invoice)) == 1
 
 
-@pytest.mark.parametrize("point", ["claimed", "resend_recorded", "published"])
+@pytest.mark.parametrize("point", ["claimed", "resent", "published"])
 def test_kill_9_at_each_point_ends_with_one_email_and_one_event(
     start_worker: StartWorker,
     bus: Bus,

@@ -213,6 +213,58 @@ def test_taking_over_an_expired_lease_is_counted(ledger: Ledger) -> None:
     assert claim.record.takeovers == 2
 
 
+RESULT = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
+
+
+def test_a_claim_can_begin_the_resend_in_the_same_write(ledger: Ledger) -> None:
+    """The claim marks the resend in flight; the record still shows the state before it."""
+    claim = _claim(ledger, "a", begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert claim.resend_begun_at == T0
+    assert not claim.record.resend_in_flight  # nothing was in flight before this run
+    # "a" died mid-resend: the next run sees it in flight, first start kept.
+    claim = _claim(ledger, "b", now=T0 + LEASE + 1, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert claim.record.resend_in_flight
+    assert claim.record.resend_first_started_at == T0
+    assert claim.resend_begun_at == T0
+
+
+def test_a_definite_failure_clears_the_resend_in_flight(ledger: Ledger) -> None:
+    """After an error answer, the next run's resend is not taken for an uncertain one."""
+    _claim(ledger, "a", begin_resend=True)
+    ledger.resend_not_sent(KEY)
+    ledger.release(KEY, "a")
+    claim = _claim(ledger, "b", now=T0 + 1, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert not claim.record.resend_in_flight
+
+
+def test_a_claim_does_not_begin_a_resend_already_recorded(ledger: Ledger) -> None:
+    _claim(ledger, "a", begin_resend=True)
+    ledger.release(KEY, "a", resend=RESULT)
+    claim = _claim(ledger, "b", now=T0 + 1, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert claim.resend_begun_at is None
+    assert (claim.record.resend, claim.record.resend_in_flight) == (RESULT, False)
+
+
+def test_the_resend_is_recorded_with_the_publication(ledger: Ledger) -> None:
+    _claim(ledger, "a", begin_resend=True)
+    ledger.record_published(KEY, "out-1", now=T0 + 1, email_info={"emails": []}, resend=RESULT)
+    [record] = ledger.find(KEY[1])
+    assert (record.state, record.resend, record.resend_in_flight) == ("published", RESULT, False)
+
+
+def test_a_run_that_lost_its_lease_still_records_its_resend(ledger: Ledger) -> None:
+    """The resend happened whoever holds the lease now; only the lease stays theirs."""
+    _claim(ledger, "a", begin_resend=True)
+    _claim(ledger, "b", now=T0 + LEASE + 1)
+    ledger.release(KEY, "a", resend=RESULT)
+    [record] = ledger.find(KEY[1])
+    assert (record.resend, record.resend_in_flight, record.lease_owner) == (RESULT, False, "b")
+
+
 def test_sqlite_a_failing_statement_in_a_batch_fails_only_its_caller(tmp_path: Path) -> None:
     """The writer commits queued statements together; one error does not sink the others."""
     ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))

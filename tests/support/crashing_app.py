@@ -1,7 +1,7 @@
 """A worker app that kills itself with SIGKILL at a chosen point of the pipeline, once.
 
 Start it as ``celery -A tests.support.crashing_app worker`` with
-``CRASH_AT`` (claimed | resend_recorded | published) and either ``CRASH_MARKER``
+``CRASH_AT`` (claimed | resent | published) and either ``CRASH_MARKER``
 (a file path: the crash happens only if it does not exist yet, so a restart runs
 clean) or ``CRASH_INVOICE`` (crash every time that invoice is handled: a poison event).
 """

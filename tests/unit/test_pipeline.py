@@ -1,8 +1,10 @@
-"""Pipeline decisions that need a clock: the Abillify idempotency window."""
+"""Pipeline decisions that need a clock or a crash: the Abillify idempotency window,
+when the resend is recorded."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 import respx
 
 from invoice_mailer.billing import AbillifyClient, HttpConfig, build_http_client
+from invoice_mailer.errors import PublishError
 from invoice_mailer.events import Reissued
 from invoice_mailer.ledger import Ledger, open_ledger
 from invoice_mailer.pipeline import Done, GaveUp, Job, Pipeline, RetryLater
@@ -137,8 +140,6 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
     ledger: Ledger, http: httpx.Client
 ) -> None:
     """Replaying the dead letter is the decision to send again: it is sent."""
-    from dataclasses import replace
-
     route = respx.post(URL).mock(
         side_effect=[
             httpx.ReadTimeout("no answer"),
@@ -154,3 +155,63 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
     replayed = pipeline.run(replace(JOB, replay=True))
     assert isinstance(replayed, Done)
     assert len(route.calls) == 2
+
+
+class _FailingOnce(_Publisher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise PublishError("broker said no")
+        super().publish_event(event, routing_key)
+
+
+OK = {"job": "9", "result": "OK", "resultcode": "0"}
+
+
+@respx.mock
+def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """The resend is recorded when the lease is given back, so the retry publishes
+    without sending again (or asking whether it was sent)."""
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
+    clock, pub = _Clock(1_800_000_000.0), _FailingOnce()
+    pipeline = _pipeline(ledger, http, clock, pub)
+    first = pipeline.run(JOB)
+    assert isinstance(first, RetryLater)
+    assert first.step == "publish"
+    clock.now += 5
+    second = pipeline.run(replace(first.job, resend=None))  # the ledger is the authority
+    assert isinstance(second, Done)
+    assert len(route.calls) == 1
+    assert second.event["data"]["jobId"] == "9"
+
+
+@respx.mock
+def test_a_crash_between_the_resend_and_its_record_sends_again_under_the_same_key(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """The resend's result is written with the publication: a worker that dies in
+    between leaves it in flight, and the next run sends it again with the same
+    Idempotency-Key (Abillify has no email-info to look in)."""
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
+    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+
+    def die_after_the_resend(point: str, job: Job) -> None:
+        if point == "resent" and len(route.calls) == 1:
+            raise SystemExit("killed")
+
+    dying = _pipeline(ledger, http, clock, pub)
+    dying._checkpoint = die_after_the_resend
+    with pytest.raises(SystemExit):
+        dying.run(JOB)
+    clock.now += 31  # the dead run's lease runs out
+    outcome = _pipeline(ledger, http, clock, pub).run(JOB)
+    assert isinstance(outcome, Done)
+    keys = {call.request.headers["idempotency-key"] for call in route.calls}
+    assert (len(route.calls), len(keys)) == (2, 1)
+    assert [e["type"] for e in pub.events] == ["invoice.email_queued"]

@@ -1,5 +1,5 @@
 """kombu consumers that run inside the Celery worker (bootsteps)."""
 
-from consumers._reissued import PREFETCH, ReissuedEventConsumer
+from consumers._reissued import PREFETCH_PER_THREAD, ReissuedEventConsumer
 
-__all__ = ["PREFETCH", "ReissuedEventConsumer"]
+__all__ = ["PREFETCH_PER_THREAD", "ReissuedEventConsumer"]

@@ -29,13 +29,14 @@ from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
 from tasks import InvoiceMailerCelery
 from tasks.pipeline import FirstAttempt, settle_quietly
 
-__all__ = ["PREFETCH", "ReissuedEventConsumer", "WrongPool"]
+__all__ = ["PREFETCH_PER_THREAD", "ReissuedEventConsumer", "WrongPool"]
 
 log = logging.getLogger("invoice_mailer.consumer")
 
-# Unacked raw events one worker holds: its 32 threads busy and as many queued for
-# them; small enough that a backlog stays in the broker (and with other workers).
-PREFETCH = 64
+# Unacked raw events one worker holds per thread of its pool: one running and one
+# queued for each thread; small enough that a backlog stays in the broker (and
+# with other workers).
+PREFETCH_PER_THREAD = 2
 
 
 class WrongPool(RuntimeError):
@@ -49,6 +50,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         self.app: InvoiceMailerCelery = parent.app
         self._attempts: FirstAttempt | None = None
+        self._prefetch = PREFETCH_PER_THREAD
 
     def start(self, c: Any) -> None:
         if not isinstance(c.pool, ThreadPool):
@@ -56,6 +58,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             # and publisher are per process); solo would run it on the event loop.
             raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
         self._attempts = FirstAttempt(self.app, c)
+        self._prefetch = PREFETCH_PER_THREAD * c.pool.limit
         self.app.settings.topology().declare(c.connection)
         super().start(c)
         self.app.runtime.ready = True
@@ -75,7 +78,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
                 channel,
                 queues=[self.app.settings.topology().reissued()],
                 on_message=self.on_message,  # raw messages: we decode the body ourselves
-                prefetch_count=PREFETCH,
+                prefetch_count=self._prefetch,
                 accept=[],
             )
         ]

@@ -16,6 +16,7 @@ import pytest
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
 from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.worker import RAW_QUEUE
 
 TASK = "invoice_mailer.resend_invoice_email"
 
@@ -213,3 +214,19 @@ def test_status_shows_queues_dead_letters_ledger_and_workers(
     assert re.search(r"published\s+3", out)
     assert re.search(r"failed\s+1", out)
     assert re.search(rf"{re.escape(worker.name)}\s+pong", out)
+
+
+def test_a_backlog_stays_in_the_broker_beyond_two_events_per_thread(
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox
+) -> None:
+    """Prefetch is bounded by the pool: with its 2 threads held up by a slow API, a
+    worker holds 4 raw events and the rest of 12 stays ready in RabbitMQ."""
+    start_worker(concurrency=2)
+    for _ in range(12):
+        invoice = new_invoice()
+        sandbox.script(invoice, "resend", [Fault(status=None, delay=20.0)])
+        bus.reissue(invoice)
+
+    wait_until(lambda: len(sandbox.requests()) == 2, timeout=30, what="two POSTs in flight")
+    wait_until(lambda: bus.queue_depth(RAW_QUEUE) == 8, timeout=30, what="4 events taken, 8 ready")
+    assert len(sandbox.requests()) == 2  # the two taken beyond them wait for a thread

@@ -68,7 +68,12 @@ def main() -> None:
         help="worker process counts to run (default: 1 2)",
     )
     parser.add_argument("--latency", type=float, default=0.05, help="API latency, s")
-    parser.add_argument("--concurrency", type=int, default=32, help="threads per process")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=48,
+        help="threads per process, both systems (default 48, the worker's default)",
+    )
     parser.add_argument("--light", type=int, default=100, help="light-load events (10/s)")
     parser.add_argument(
         "--backlog",

@@ -13,8 +13,6 @@ from invoice_mailer.ledger._sql import MIGRATIONS, SCHEMA_TABLE, SqlLedger
 
 __all__ = ["SqliteLedger"]
 
-# Statements one commit may carry: a batch stays short next to the API's latency.
-MAX_BATCH = 64
 # How long a caller waits for its statement; beyond the busy timeout of a batch.
 WAIT_SECONDS = 90.0
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -46,18 +44,19 @@ class _Statement:
 
 
 class SqliteLedger(SqlLedger):
-    """One connection per process, owned by one writer thread that commits in groups.
+    """One connection per process, owned by a writer thread; statements autocommit.
 
-    Callers queue a statement and wait for its answer. The writer takes whatever
-    is queued (up to ``MAX_BATCH``), runs it in one transaction and answers each
-    statement after the commit, so an answer is durable and every statement stays
-    atomic on its own. Why not a lock around a shared connection: a thread that
-    wins the lock must then win the GIL back before it can use the connection,
-    and again after each SQLite call, and the lock is held all that time; under
-    ``python -m bench`` threads waited 11 ms per statement for a lock held 0.5 ms.
-    Why not a connection per thread: they queue in SQLite's busy handler, which
-    sleeps 1, 2, 5, 10 ms... between probes. Other processes on the same file
-    still wait in the busy handler.
+    Callers queue a statement and wait on a latch for its answer. Why not a lock
+    around a shared connection: a thread that wins the lock must then win the GIL
+    back before it can use the connection, and again after the SQLite call, and
+    the lock is held all that time; under ``python -m bench`` threads waited 11 ms
+    per statement for a lock held 0.5 ms. Why not a connection per thread: they
+    queue in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between probes.
+    Why not several statements per commit: the transaction holds SQLite's write
+    lock while the writer waits for the GIL between statements, and the writers
+    of other processes sleep in the busy handler meanwhile (two processes on one
+    file ran no faster than one). In autocommit the write lock is held only
+    inside SQLite, for microseconds.
     """
 
     def __init__(self, path: str) -> None:
@@ -99,20 +98,14 @@ class SqliteLedger(SqlLedger):
     # -- the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            statements = [s for s in batch if s is not None]
-            if statements:
-                self._run(statements)
-            if stop:
-                break
+        while (statement := self._queue.get()) is not None:
+            try:
+                cursor = self._conn.execute(statement.sql, statement.params)
+                rows = [dict(row) for row in cursor.fetchall()]
+            except sqlite3.Error as exc:
+                statement.answer([], exc)
+            else:
+                statement.answer(rows, None)
         # Queued after close() began: answered, not left waiting.
         while True:
             try:
@@ -121,41 +114,6 @@ class SqliteLedger(SqlLedger):
                 return
             if late is not None:
                 late.answer([], sqlite3.OperationalError("the ledger is closed"))
-
-    def _run(self, statements: list[_Statement]) -> None:
-        """One transaction for the lot; if it fails, each statement on its own."""
-        if len(statements) > 1:
-            try:
-                answers = self._in_one_transaction(statements)
-            except sqlite3.Error:
-                pass  # a statement or the commit failed: no answer is durable yet
-            else:
-                for statement, rows in zip(statements, answers, strict=True):
-                    statement.answer(rows, None)
-                return
-        for statement in statements:
-            try:
-                rows = self._rows(statement)
-            except sqlite3.Error as exc:
-                statement.answer([], exc)
-            else:
-                statement.answer(rows, None)
-
-    def _in_one_transaction(self, statements: list[_Statement]) -> list[list[dict[str, Any]]]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            answers = [self._rows(statement) for statement in statements]
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return answers
-
-    def _rows(self, statement: _Statement) -> list[dict[str, Any]]:
-        cursor = self._conn.execute(statement.sql, statement.params)
-        return [dict(row) for row in cursor.fetchall()]
 
     # -- schema and shutdown -----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from invoice_mailer.ledger import (
     LedgerError,
     open_ledger,
 )
-from invoice_mailer.ledger._sqlite import SqliteLedger, _Statement
+from invoice_mailer.ledger._sqlite import SqliteLedger
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
@@ -265,17 +265,14 @@ def test_a_run_that_lost_its_lease_still_records_its_resend(ledger: Ledger) -> N
     assert (record.resend, record.resend_in_flight, record.lease_owner) == (RESULT, False, "b")
 
 
-def test_sqlite_a_failing_statement_in_a_batch_fails_only_its_caller(tmp_path: Path) -> None:
-    """The writer commits queued statements together; one error does not sink the others."""
+def test_sqlite_an_error_answers_its_caller_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """Statements run on the ledger's writer thread: an error is its caller's alone."""
     ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
     try:
-        good = _Statement("INSERT INTO invoice_mailer_schema VALUES (:v)", {"v": 99})
-        bad = _Statement("INSERT INTO no_such_table VALUES (:v)", {"v": 1})
-        read = _Statement("SELECT MAX(version) AS v FROM invoice_mailer_schema", {})
-        ledger._run([good, bad, read])  # the writer thread is idle: nothing is queued
-        assert good.wait() == []
         with pytest.raises(LedgerError, match="no_such_table"):
-            bad.wait()
-        assert read.wait() == [{"v": 99}]
+            ledger._execute("INSERT INTO no_such_table VALUES (:v)", {"v": 1})
+        assert isinstance(_claim(ledger, "a"), Claimed)
     finally:
         ledger.close()
+    with pytest.raises(LedgerError, match="closed"):
+        _claim(ledger, "b")

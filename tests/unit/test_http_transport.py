@@ -54,3 +54,16 @@ def test_the_built_client_splits_its_connection_budget_into_shards() -> None:
         assert http.get(URL).json() == {}
     with build_http_client(HttpConfig(max_connections=1)) as http:
         assert len(http._transport._shards) == 1  # type: ignore[attr-defined]
+
+
+@respx.mock
+def test_a_cookie_one_answer_sets_is_not_sent_with_the_next_request() -> None:
+    """The APIs keep no session: no cookie jar, nothing carried from invoice to invoice."""
+    route = respx.get(URL).mock(
+        return_value=httpx.Response(204, headers={"Set-Cookie": "lb=node-3; Path=/"})
+    )
+    with build_http_client(HttpConfig()) as client:
+        client.get(URL)
+        client.get(URL)
+        assert len(client.cookies) == 0
+    assert [call.request.headers.get("cookie") for call in route.calls] == [None, None]

@@ -169,6 +169,8 @@ class EventPublisher:
     @contextlib.contextmanager
     def _producer(self) -> Iterator[_ReturnTrackingProducer]:
         """An idle producer, a new one while fewer than ``pool_size`` exist, or a wait."""
+        if self._closed:
+            raise PublishError("the publisher is closed")
         try:
             producer = self._idle.get_nowait()
         except queue.Empty:

@@ -13,7 +13,7 @@ from invoice_mailer.ledger._sql import MIGRATIONS, SCHEMA_TABLE, SqlLedger
 
 __all__ = ["SqliteLedger"]
 
-# How long a caller waits for its statement; beyond the busy timeout of a batch.
+# How long a caller waits for its statement: beyond SQLite's busy timeout.
 WAIT_SECONDS = 90.0
 _BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -73,7 +73,7 @@ class SqliteLedger(SqlLedger):
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            # Autocommit unless the writer opens a transaction; the busy timeout
+            # Autocommit (only the migration opens a transaction); the busy timeout
             # makes writers of other processes queue instead of failing at once.
             conn = sqlite3.connect(
                 self._path,

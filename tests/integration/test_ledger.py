@@ -23,6 +23,7 @@ from invoice_mailer.ledger._sqlite import SqliteLedger
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
 LEASE = 30.0
+RESULT = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
 
 
 @pytest.fixture
@@ -123,12 +124,11 @@ def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
     """Resend and email-info results survive to the next claim."""
     _claim(ledger, "a")
     ledger.begin_resend(KEY, owner="a", now=T0, lease_seconds=LEASE)
-    result = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
-    ledger.record_resend(KEY, result, now=T0 + 1, email_info={"emails": [], "currentTargets": None})
+    ledger.record_resend(KEY, RESULT, now=T0 + 1, email_info={"emails": [], "currentTargets": None})
     ledger.release(KEY, "a")
     claim = _claim(ledger, "b", now=T0 + 3)
     assert isinstance(claim, Claimed)
-    assert claim.record.resend == result
+    assert claim.record.resend == RESULT
     assert not claim.record.resend_in_flight
     assert claim.record.email_info == {"emails": [], "currentTargets": None}
     assert claim.record.email_info_done
@@ -211,9 +211,6 @@ def test_taking_over_an_expired_lease_is_counted(ledger: Ledger) -> None:
     assert claim.record.takeovers == 1
     assert isinstance(claim := _claim(ledger, "d", now=T0 + 4 + 2 * LEASE), Claimed)
     assert claim.record.takeovers == 2
-
-
-RESULT = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
 
 
 def test_a_claim_can_begin_the_resend_in_the_same_write(ledger: Ledger) -> None:

@@ -16,11 +16,12 @@ from invoice_mailer.billing import AbillifyClient, HttpConfig, build_http_client
 from invoice_mailer.errors import PublishError
 from invoice_mailer.events import Reissued
 from invoice_mailer.ledger import Ledger, open_ledger
-from invoice_mailer.pipeline import Done, GaveUp, Job, Pipeline, RetryLater
+from invoice_mailer.pipeline import Checkpoint, Done, GaveUp, Job, Pipeline, RetryLater
 from invoice_mailer.policy import RetryPolicy
 
 URL = "https://abillify.test/api/invoices/RE-1/resendInvoice"
 HOUR = 3600.0
+OK = {"job": "9", "result": "OK", "resultcode": "0"}
 
 
 class _Publisher:
@@ -58,7 +59,13 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def _pipeline(ledger: Ledger, http: httpx.Client, clock: _Clock, pub: _Publisher) -> Pipeline:
+def _pipeline(
+    ledger: Ledger,
+    http: httpx.Client,
+    clock: _Clock,
+    pub: _Publisher,
+    checkpoint: Checkpoint | None = None,
+) -> Pipeline:
     provider = AbillifyClient(
         http=http, base_url="https://abillify.test/api", username="u", password="p"
     )
@@ -69,6 +76,7 @@ def _pipeline(ledger: Ledger, http: httpx.Client, clock: _Clock, pub: _Publisher
         policy=RetryPolicy(server_error_base_seconds=1),
         lease_seconds=30,
         wall_clock=clock,
+        checkpoint=checkpoint,
     )
 
 
@@ -87,7 +95,7 @@ def test_an_unanswered_resend_is_retried_with_the_same_key_within_the_window(
     route = respx.post(URL).mock(
         side_effect=[
             httpx.ReadTimeout("no answer"),
-            httpx.Response(200, json={"job": "9", "result": "OK", "resultcode": "0"}),
+            httpx.Response(200, json=OK),
         ]
     )
     clock, pub = _Clock(1_800_000_000.0), _Publisher()
@@ -169,9 +177,6 @@ class _FailingOnce(_Publisher):
         super().publish_event(event, routing_key)
 
 
-OK = {"job": "9", "result": "OK", "resultcode": "0"}
-
-
 @respx.mock
 def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     ledger: Ledger, http: httpx.Client
@@ -205,8 +210,7 @@ def test_a_crash_between_the_resend_and_its_record_sends_again_under_the_same_ke
         if point == "resent" and len(route.calls) == 1:
             raise SystemExit("killed")
 
-    dying = _pipeline(ledger, http, clock, pub)
-    dying._checkpoint = die_after_the_resend
+    dying = _pipeline(ledger, http, clock, pub, checkpoint=die_after_the_resend)
     with pytest.raises(SystemExit):
         dying.run(JOB)
     clock.now += 31  # the dead run's lease runs out

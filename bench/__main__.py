@@ -50,6 +50,9 @@ class Figures:
     sys_cpu_ms_per_event: float = 0.0
     peak_rss_mb: list[float] = field(default_factory=list)
     backlog_events_per_second: float | None = None
+    others_cpu_ms_per_event: dict[str, float] = field(default_factory=dict)
+    machine_busy: float = 0.0
+    machine_steal: float = 0.0
     backlog_peak_rss_mb: list[float] = field(default_factory=list)
 
 
@@ -85,11 +88,14 @@ def main() -> None:
     args = parser.parse_args()
 
     results: list[tuple[Figures, Figures | None]] = []
-    with sandbox_process(args.latency) as api:
+    with sandbox_process(args.latency) as (api, sandbox_pid):
+        others = {"sandbox": sandbox_pid, "RabbitMQ": rabbitmq_pid(), "load generator": os.getpid()}
         for k in args.workers:
-            project = run_system("invoice-mailer", k, args, api, start_project)
+            project = run_system("invoice-mailer", k, args, api, start_project, others)
             baseline = (
-                None if args.no_baseline else run_system("baseline", k, args, api, start_baseline)
+                None
+                if args.no_baseline
+                else run_system("baseline", k, args, api, start_baseline, others)
             )
             results.append((project, baseline))
             report(project, baseline, args)
@@ -97,7 +103,10 @@ def main() -> None:
         one, many = results[0][0], results[-1][0]
         print(
             f"\nscaling: {many.processes} processes / {one.processes}: "
-            f"{many.events_per_second / one.events_per_second:.2f}x events/s"
+            f"{many.events_per_second / one.events_per_second:.2f}x events/s "
+            f"(machine busy {one.machine_busy:.0%} -> {many.machine_busy:.0%}; "
+            f"the most the machine allows at {one.processes}'s cost per event: "
+            f"{1 / one.machine_busy:.2f}x)"
         )
 
 
@@ -170,7 +179,15 @@ def start_baseline(
 Starter = Callable[..., tuple[list[subprocess.Popen[bytes]], str]]
 
 
-def run_system(name: str, k: int, args: argparse.Namespace, api: str, start: Starter) -> Figures:
+def run_system(
+    name: str,
+    k: int,
+    args: argparse.Namespace,
+    api: str,
+    start: Starter,
+    others: dict[str, int | None],
+) -> Figures:
+    """``others``: the processes that share the machine with the workers, by name."""
     figures = Figures(name=name, processes=k)
     with vhost() as broker, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -196,10 +213,19 @@ def run_system(name: str, k: int, args: argparse.Namespace, api: str, start: Sta
                 figures.light_latency = harness.latencies()
                 harness.reset()
                 cpu_before = [cpu_seconds(p.pid) for p in procs]
+                others_before = {n: sum(cpu_seconds(pid)) for n, pid in others.items() if pid}
+                machine_before = machine_ticks()
                 first = time.monotonic()
                 harness.publish_burst(args.events)
                 last = harness.wait_all(timeout=900)
                 cpu_after = [cpu_seconds(p.pid) for p in procs]
+                figures.machine_busy, figures.machine_steal = machine_shares(
+                    machine_before, machine_ticks()
+                )
+                figures.others_cpu_ms_per_event = {
+                    n: (sum(cpu_seconds(others[n])) - before) * 1000 / args.events  # type: ignore[arg-type]
+                    for n, before in others_before.items()
+                }
                 figures.events_per_second = args.events / (last - first)
                 figures.burst_latency = harness.latencies()
                 user, system = (
@@ -230,9 +256,15 @@ def declare_source(
 
 
 class Harness:
+    """Upstream (publishes ``invoice.reissued``) and downstream (captures ``email_queued``).
+
+    It shares the machine with the workers, so it is kept cheap: no publisher confirms
+    (``wait_all`` proves every event came out, or the run fails) and no polling.
+    """
+
     def __init__(self, broker: str) -> None:
-        self._conn = Connection(broker, transport_options={"confirm_publish": True})
-        self._lock = threading.Lock()
+        self._conn = Connection(broker)
+        self._done = threading.Condition()
         self.sent: dict[str, float] = {}
         self.received: dict[str, float] = {}
         capture = Queue(
@@ -270,8 +302,11 @@ class Harness:
         now = time.monotonic()
         body = message.body if isinstance(message.body, bytes) else message.body.encode()
         cause = json.loads(body)["data"]["reissuedEvent"]["id"]
-        with self._lock:
-            self.received.setdefault(cause, now)
+        with self._done:
+            if cause in self.sent and cause not in self.received:
+                self.received[cause] = now
+                if len(self.received) == len(self.sent):
+                    self._done.notify_all()
 
     def _publish(self) -> None:
         event_id = f"evt_{uuid.uuid4().hex}"
@@ -284,7 +319,7 @@ class Harness:
                 "data": {"invoiceId": f"inv_{uuid.uuid4().hex[:20]}"},
             }
         ).encode()
-        with self._lock:
+        with self._done:
             self.sent[event_id] = time.monotonic()
         self._producer.publish(
             body,
@@ -306,23 +341,20 @@ class Harness:
             self._publish()
 
     def wait_all(self, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                missing = len(self.sent) - sum(1 for k in self.sent if k in self.received)
-                last = max(self.received.values(), default=0.0)
-            if missing == 0:
-                return last
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: {missing} events never came out")
-            time.sleep(0.01)
+        """Wait until every event sent has come out; the time the last one did."""
+        with self._done:
+            if not self._done.wait_for(lambda: len(self.received) == len(self.sent), timeout):
+                raise SystemExit(
+                    f"bench: {len(self.sent) - len(self.received)} events never came out"
+                )
+            return max(self.received.values(), default=0.0)
 
     def latencies(self) -> list[float]:
-        with self._lock:
+        with self._done:
             return sorted(self.received[k] - t for k, t in self.sent.items() if k in self.received)
 
     def reset(self) -> None:
-        with self._lock:
+        with self._done:
             self.sent.clear()
             self.received.clear()
 
@@ -344,7 +376,7 @@ def vhost() -> Iterator[str]:
 
 
 @contextmanager
-def sandbox_process(latency: float) -> Iterator[str]:
+def sandbox_process(latency: float) -> Iterator[tuple[str, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -355,7 +387,7 @@ def sandbox_process(latency: float) -> Iterator[str]:
     assert proc.stdout is not None
     proc.stdout.readline()  # "billing sandbox on ...": it is listening
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -385,10 +417,34 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.kill()
 
 
+def rabbitmq_pid() -> int | None:
+    """The broker's Erlang VM, when it runs on this machine and we may read it."""
+    found = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    return int(found.stdout.split()[0]) if found.returncode == 0 else None
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time so far, all cores, by state (the ``cpu`` line of /proc/stat)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def machine_shares(before: list[int], after: list[int]) -> tuple[float, float]:
+    """Busy and stolen shares of all cores between two readings.
+
+    Busy is everything but idle and iowait, whoever ran: the workers, the broker, the
+    sandbox, the load generator, the kernel's network work. Steal is time the hypervisor
+    gave to other machines while ours wanted to run.
+    """
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    total = sum(delta[:8])  # guest time is already counted in user
+    idle, iowait, steal = delta[3], delta[4], delta[7]
+    return (total - idle - iowait) / total, steal / total
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -429,6 +485,14 @@ def report(project: Figures, baseline: Figures | None, args: argparse.Namespace)
     row("CPU ms / event", lambda f: f.cpu_ms_per_event, "{:.2f}")
     row("  of which system (kernel)", lambda f: f.sys_cpu_ms_per_event, "{:.2f}")
     row("peak RSS MB / process (max)", lambda f: max(f.peak_rss_mb), "{:.0f}")
+    for name in project.others_cpu_ms_per_event:
+        row(
+            f"  {name} CPU ms / event",
+            lambda f, name=name: f.others_cpu_ms_per_event.get(name, 0.0),
+            "{:.2f}",
+        )
+    row("machine busy % (all cores, burst)", lambda f: f.machine_busy * 100, "{:.0f}")
+    row("  stolen by the hypervisor %", lambda f: f.machine_steal * 100, "{:.1f}")
     if args.backlog:
         row(
             f"backlog {args.backlog}: events/s",

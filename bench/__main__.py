@@ -105,7 +105,7 @@ def main() -> None:
             f"\nscaling: {many.processes} processes / {one.processes}: "
             f"{many.events_per_second / one.events_per_second:.2f}x events/s "
             f"(machine busy {one.machine_busy:.0%} -> {many.machine_busy:.0%}; "
-            f"the most the machine allows at {one.processes}'s cost per event: "
+            f"the most the machine allows at the cost per event with {one.processes}: "
             f"{1 / one.machine_busy:.2f}x)"
         )
 
@@ -213,7 +213,8 @@ def run_system(
                 figures.light_latency = harness.latencies()
                 harness.reset()
                 cpu_before = [cpu_seconds(p.pid) for p in procs]
-                others_before = {n: sum(cpu_seconds(pid)) for n, pid in others.items() if pid}
+                seen = {n: pid for n, pid in others.items() if pid is not None}
+                others_before = {n: sum(cpu_seconds(pid)) for n, pid in seen.items()}
                 machine_before = machine_ticks()
                 first = time.monotonic()
                 harness.publish_burst(args.events)
@@ -223,8 +224,8 @@ def run_system(
                     machine_before, machine_ticks()
                 )
                 figures.others_cpu_ms_per_event = {
-                    n: (sum(cpu_seconds(others[n])) - before) * 1000 / args.events  # type: ignore[arg-type]
-                    for n, before in others_before.items()
+                    n: (sum(cpu_seconds(pid)) - others_before[n]) * 1000 / args.events
+                    for n, pid in seen.items()
                 }
                 figures.events_per_second = args.events / (last - first)
                 figures.burst_latency = harness.latencies()
@@ -437,9 +438,10 @@ def machine_ticks() -> list[int]:
 def machine_shares(before: list[int], after: list[int]) -> tuple[float, float]:
     """Busy and stolen shares of all cores between two readings.
 
-    Busy is everything but idle and iowait, whoever ran: the workers, the broker, the
-    sandbox, the load generator, the kernel's network work. Steal is time the hypervisor
-    gave to other machines while ours wanted to run.
+    Busy is everything but idle and iowait: whatever ran (the workers, the broker, the
+    sandbox, the load generator, the kernel's network work) and the time the hypervisor
+    stole for other machines while ours wanted to run, which it could not use either.
+    Steal is also returned on its own.
     """
     delta = [a - b for a, b in zip(after, before, strict=True)]
     total = sum(delta[:8])  # guest time is already counted in user

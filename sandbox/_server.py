@@ -159,7 +159,8 @@ class Sandbox:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever, if it ever ran
+            self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -438,6 +439,11 @@ class Sandbox:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of new connections (several
+    # workers starting their pools at once) overflows it, and the kernel drops them
+    # until the client retries seconds later, after its timeout. A real API's front
+    # door does not; an answer that late turns a resend uncertain for no reason.
+    request_queue_size = socket.SOMAXCONN
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away mid-answer (killed, timed out) is expected here."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -123,3 +125,21 @@ def test_control_endpoints_script_and_read_from_another_process(sandbox: Sandbox
     assert _resend(sandbox).status_code == 500
     recorded = httpx.get(f"{sandbox.url}/_sandbox/requests").json()
     assert [r["endpoint"] for r in recorded] == ["resend"]
+
+
+def test_a_burst_of_new_connections_is_not_dropped() -> None:
+    """Many clients connecting at once all get in, as behind a real API's front door.
+
+    socketserver's default listen backlog is 5: the kernel then drops further
+    connections until accept() catches up and the client retries seconds later,
+    after its timeout. A request that reaches the sandbox after the client gave up
+    makes an "uncertain" resend that email-info cannot see yet: a second email.
+    """
+    sandbox = Sandbox()  # not started: nothing accepts, the backlog alone holds them
+    host, port = sandbox.url.removeprefix("http://").split(":")
+    try:
+        with ExitStack() as stack:
+            for _ in range(200):
+                stack.enter_context(socket.create_connection((host, int(port)), timeout=1))
+    finally:
+        sandbox.stop()

@@ -103,9 +103,12 @@ class SqlLedger(ABC):
             "begin": int(begin_resend),
         }
         if reopen_failed:
+            # A replay starts the count of workers lost afresh: an event given up as
+            # poison is replayed once its cause is fixed (or because it was only in
+            # flight beside the poison), and must not be given up again at once.
             self._execute(
                 f"""UPDATE {TABLE} SET state = '{OPEN}', failure = NULL,
-                        outcome_event_id = NULL, updated_at = :now
+                        outcome_event_id = NULL, takeovers = 0, updated_at = :now
                     WHERE {_KEY} AND state = '{FAILED}'""",
                 params,
             )

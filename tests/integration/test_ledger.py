@@ -102,6 +102,19 @@ def test_failed_events_are_done_unless_replayed(ledger: Ledger) -> None:
     assert (claim.record.state, claim.record.failure) == ("open", None)
 
 
+def test_a_replay_forgets_the_workers_lost_before(ledger: Ledger) -> None:
+    """An event given up as poison (or one in flight beside it) runs again when replayed,
+    instead of being given up at once for the takeovers counted before."""
+    for n, owner in enumerate("abcd"):
+        _claim(ledger, owner, now=T0 + n * (LEASE + 1))  # each holder dies: its lease expires
+    ledger.record_failed(KEY, {"code": "worker_lost_repeatedly"}, "out-f", now=T0 + 4 * LEASE)
+    [failed] = ledger.find(KEY[1])
+    assert (failed.state, failed.takeovers) == ("failed", 3)
+    claim = _claim(ledger, "e", now=T0 + 5 * LEASE, reopen_failed=True)
+    assert isinstance(claim, Claimed)
+    assert claim.record.takeovers == 0
+
+
 def test_resend_in_flight_is_remembered_with_its_first_start(ledger: Ledger) -> None:
     """A resend begun but not answered stays in flight; the first start time is kept."""
     _claim(ledger, "a")

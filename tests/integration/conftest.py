@@ -9,17 +9,24 @@ from typing import Any
 import pytest
 
 from sandbox import Sandbox
-from tests.support.broker import Bus, fresh_vhost, require_rabbitmq
+from tests.support.broker import Bus, VhostPool, require_rabbitmq
 from tests.support.postgres import fresh_database, require_postgres
 from tests.support.worker import WorkerProcess, worker_env
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="session")
+def vhosts() -> Iterator[VhostPool]:
+    pool = VhostPool()
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def broker_url() -> Iterator[str]:
+def broker_url(vhosts: VhostPool) -> Iterator[str]:
     require_rabbitmq()
-    with fresh_vhost() as url:
+    with vhosts.fresh() as url:
         yield url
 
 

@@ -95,7 +95,8 @@ class VhostPool:
                 for name in names
             ],
         }
-        _rabbitmqctl("import_definitions", stdin=json.dumps(definitions))  # from stdin
+        # From stdin: given a path, the broker reads the file itself, as its own user.
+        _rabbitmqctl("import_definitions", stdin=json.dumps(definitions))
         self._free.extend(reversed(names))
 
     def _delete_in_background(self) -> None:

@@ -161,9 +161,8 @@ class Sandbox:
     def stop(self) -> None:
         if self._thread is not None:  # shutdown() waits for serve_forever, if it ever ran
             self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
             self._thread.join(timeout=5)
+        self._server.server_close()
 
     def __enter__(self) -> Sandbox:
         return self.start()

@@ -7,6 +7,7 @@ followed by a write.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -278,9 +279,25 @@ def _key(key: EventKey) -> dict[str, Any]:
     return {"source": key[0], "event_id": key[1]}
 
 
-_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 def pyformat(sql: str) -> str:
     """``:name`` placeholders as psycopg's ``%(name)s``."""
     return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+@functools.lru_cache(maxsize=64)
+def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``:name`` placeholders as SQLite's ``?N``, and the names in N's order.
+
+    A name used twice gets the same number, so it is bound once.
+    """
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"?{names.index(match[1]) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)

@@ -18,6 +18,7 @@ from invoice_mailer.ledger import (
     LedgerError,
     open_ledger,
 )
+from invoice_mailer.ledger._sql import numbered
 from invoice_mailer.ledger._sqlite import SqliteLedger
 
 KEY = ("/billing", "evt_1")
@@ -286,3 +287,16 @@ def test_sqlite_an_error_answers_its_caller_and_the_writer_goes_on(tmp_path: Pat
         ledger.close()
     with pytest.raises(LedgerError, match="closed"):
         _claim(ledger, "b")
+
+
+def test_sqlite_gets_numbered_parameters_bound_once_per_name(tmp_path: Path) -> None:
+    """``:name`` becomes ``?N``; a name used twice is one parameter; casts and quotes stay."""
+    sql, names = numbered("SELECT :a, :b, :a, x::text, 'y:z' FROM t WHERE c = :b_2")
+    assert sql == "SELECT ?1, ?2, ?1, x::text, 'y:z' FROM t WHERE c = ?3"
+    assert names == ("a", "b", "b_2")
+    ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
+    try:
+        rows = ledger._execute("SELECT :b AS b, :a AS a, :b || :a AS ba", {"a": "1", "b": "2"})
+    finally:
+        ledger.close()
+    assert rows == [{"b": "2", "a": "1", "ba": "21"}]

@@ -282,6 +282,11 @@ def _key(key: EventKey) -> dict[str, Any]:
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
+# Both conversions are cached: every statement is a constant string, converted once
+# per process instead of on every execution.
+
+
+@functools.lru_cache(maxsize=64)
 def pyformat(sql: str) -> str:
     """``:name`` placeholders as psycopg's ``%(name)s``."""
     return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
@@ -293,11 +298,9 @@ def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
 
     A name used twice gets the same number, so it is bound once.
     """
-    names: list[str] = []
+    numbers: dict[str, int] = {}  # in insertion order: N's order
 
     def number(match: re.Match[str]) -> str:
-        if match[1] not in names:
-            names.append(match[1])
-        return f"?{names.index(match[1]) + 1}"
+        return f"?{numbers.setdefault(match[1], len(numbers) + 1)}"
 
-    return _NAMED.sub(number, sql), tuple(names)
+    return _NAMED.sub(number, sql), tuple(numbers)

@@ -1,9 +1,10 @@
 """The raw-event consumer: ``invoice.reissued`` from RabbitMQ into the pipeline.
 
 It runs on the worker's event loop (a Celery consumer bootstep), so it does no
-HTTP and nothing slow: it validates the event and gives it to the worker's
-thread pool (``tasks.pipeline.FirstAttempt``), which settles the message when the attempt
-is over. Events that can never be processed are dead-lettered with their reason,
+HTTP and nothing slow: it validates the event and hands its message to the
+task's own strategy (``tasks.pipeline.run_first_attempt``), so the first attempt
+is a Celery task execution like every retry, and its Request settles the message
+when the attempt is over. Events that can never be processed are dead-lettered with their reason,
 and an ``invoice.email_failed`` is published; the worker goes on with the next
 one. Nothing raised here may escape: an exception from a callback stops the worker.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
@@ -22,12 +24,13 @@ from kombu.message import Message
 
 from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import EMAIL_FAILED, glimpse, parse_reissued
+from invoice_mailer.job import Job
 from invoice_mailer.messages import raw_body
 from invoice_mailer.observe import StepRecord
-from invoice_mailer.pipeline import Job, failed_event
+from invoice_mailer.pipeline import failed_event
 from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
 from tasks import InvoiceMailerCelery
-from tasks.pipeline import FirstAttempt, settle_quietly
+from tasks.pipeline import run_first_attempt
 
 __all__ = ["PREFETCH_PER_THREAD", "ReissuedEventConsumer", "WrongPool"]
 
@@ -46,10 +49,16 @@ class WrongPool(RuntimeError):
 class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     """Consumes the durable ``invoice-mailer.reissued`` queue inside the worker."""
 
+    # The task strategies must exist before the first raw event is handed to one.
+    requires = (
+        "celery.worker.consumer.connection:Connection",
+        "celery.worker.consumer.tasks:Tasks",
+    )
+
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.app: InvoiceMailerCelery = parent.app
-        self._attempts: FirstAttempt | None = None
+        self._consumer: Any = None  # celery.worker.consumer.Consumer, set in start()
         self._prefetch = PREFETCH_PER_THREAD
 
     def start(self, c: Any) -> None:
@@ -57,7 +66,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             # prefork would pickle the work into child processes (the HTTP client, ledger
             # and publisher are per process); solo would run it on the event loop.
             raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
-        self._attempts = FirstAttempt(self.app, c)
+        self._consumer = c
         self._prefetch = PREFETCH_PER_THREAD * c.pool.limit
         self.app.settings.topology().declare(c.connection)
         super().start(c)
@@ -106,10 +115,9 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             message.ack()
             return
         replay = REPLAY_HEADER in (message.headers or {})
-        job = Job(event=event, body=body.decode("utf-8"), content_type=content_type, replay=replay)
+        job = Job.new(event, body=body.decode("utf-8"), content_type=content_type, replay=replay)
         self._observe(event.event_id, event.invoice, "receive", "accepted")
-        assert self._attempts is not None  # set in start(), before any consumer exists
-        self._attempts.submit(job, message)
+        run_first_attempt(self._consumer, message, job)
 
     def _reject_invalid(
         self,
@@ -173,3 +181,11 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
                 **fields,
             )
         )
+
+
+def settle_quietly(action: Callable[[], object]) -> None:
+    """Ack, requeue or reject; on a channel already gone the broker redelivers (celery#4671)."""
+    try:
+        action()
+    except Exception:
+        log.warning("could not settle the message; the broker will redeliver it", exc_info=True)

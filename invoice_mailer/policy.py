@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Any
 
 from invoice_mailer.errors import BillingError, RateLimited, TransientError
 
@@ -59,21 +58,6 @@ class StepHistory:
     attempts: int = 0
     server_errors: int = 0
     rate_limited_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "attempts": self.attempts,
-            "server_errors": self.server_errors,
-            "rate_limited_seconds": self.rate_limited_seconds,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StepHistory:
-        return cls(
-            attempts=int(data.get("attempts", 0)),
-            server_errors=int(data.get("server_errors", 0)),
-            rate_limited_seconds=float(data.get("rate_limited_seconds", 0.0)),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,11 @@ from invoice_mailer.metrics import IN_FLIGHT
 from invoice_mailer.pipeline import Checkpoint
 from settings import Settings
 from tasks._logging import set_format as set_log_format
+from tasks._queues import TASK_DELIVERY_LIMIT, TASK_QUEUE
 from tasks._runtime import Runtime
 from tasks._sentry import init_sentry
 
 __all__ = ["TASK_QUEUE", "InvoiceMailerCelery", "create_app"]
-
-TASK_QUEUE = "invoice-mailer.tasks"
-TASK_DELIVERY_LIMIT = 10
 
 
 class InvoiceMailerCelery(Celery):  # type: ignore[misc]
@@ -94,8 +92,9 @@ def create_app(
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        # Flower shows tasks only when workers send events. They are best effort:
-        # this consumer publishes them without confirms (tasks/_consumer.py).
+        # Flower shows tasks only when workers send events (first attempts included:
+        # they are task executions too). They are best effort: this consumer
+        # publishes them without confirms (tasks/_consumer.py).
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_consumer="tasks._consumer:Consumer",

@@ -6,20 +6,30 @@ worker shutdown. Nothing here exists at import time.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import threading
+import time
 
 import httpx
 
 from invoice_mailer.billing import build_http_client, build_provider
-from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.job import Job
+from invoice_mailer.ledger import Ledger, LedgerError, open_ledger
 from invoice_mailer.metrics import MetricsObserver
 from invoice_mailer.observe import LoggingObserver, Observer, Observers
-from invoice_mailer.pipeline import Checkpoint, Pipeline
+from invoice_mailer.pipeline import Checkpoint, Pipeline, RetryLater, wait_for_ledger
 from invoice_mailer.publisher import EventPublisher
 from settings import Settings
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger("invoice_mailer.pipeline")
+
+# After the ledger failed to open, threads asking within this long get that failure
+# again at once instead of each waiting on the database in turn.
+LEDGER_REOPEN_SECONDS = 2.0
 
 
 class Runtime:
@@ -49,6 +59,8 @@ class Runtime:
         self._publisher: EventPublisher | None = None
         self._ledger: Ledger | None = None
         self._pipeline: Pipeline | None = None
+        self._ledger_failed: tuple[float, LedgerError] | None = None
+        self._rng = random.Random()
 
     @property
     def publisher(self) -> EventPublisher:
@@ -68,6 +80,12 @@ class Runtime:
         assert self._pipeline is not None
         return self._pipeline
 
+    def wait_for_ledger(self, job: Job, exc: LedgerError) -> RetryLater:
+        """The job's retry while the ledger cannot even be opened."""
+        retry = wait_for_ledger(job, self.settings.retry_policy(), self._rng)
+        log.error("ledger unavailable: %s", exc, extra={"event_id": job.event.event_id})
+        return retry
+
     def close(self) -> None:
         with self._lock:
             if self._http is not None:
@@ -86,13 +104,24 @@ class Runtime:
             if self._pid == os.getpid():
                 return
             # After a fork the parent's sockets are not ours: build anew, never reuse.
+            # The ledger first: when it cannot be opened nothing else is built, and
+            # the next caller tries again (after LEDGER_REOPEN_SECONDS).
+            if self._ledger_failed is not None:
+                failed_at, error = self._ledger_failed
+                if time.monotonic() - failed_at < LEDGER_REOPEN_SECONDS:
+                    raise error
+            try:
+                self._ledger = open_ledger(self.settings.ledger_url)
+            except LedgerError as exc:
+                self._ledger_failed = (time.monotonic(), exc)
+                raise
+            self._ledger_failed = None
             self._http = build_http_client(
                 self.settings.http_config(max_connections=self._max_connections)
             )
             self._publisher = EventPublisher.connect(
                 self.settings.celery_broker_url, self.settings.topology()
             )
-            self._ledger = open_ledger(self.settings.ledger_url)
             self._pipeline = Pipeline(
                 provider=build_provider(
                     self.settings.billing_provider,

@@ -1,41 +1,70 @@
-"""The pipeline as Celery work: the retry task, and the first attempt of a new event.
+"""The pipeline as Celery work: one task, and every attempt of it a Celery task execution.
 
-A new event's first attempt runs straight from the raw-event consumer in the
-worker's thread pool (``FirstAttempt``); only an event that must wait becomes a
-task message, parked in RabbitMQ by native delayed delivery and run by the task
-below. Handing every event to the task queue first cost a second broker round
-trip and Celery's task machinery per event, about half of the worker's CPU
-(README, "Performance"). Both paths report to Flower as the same task, under an
-id derived from the event, so a retry continues the task Flower already shows.
+A new event's first attempt is its raw message, handed to the task's own strategy
+as a protocol-2 task message (``run_first_attempt``), the way Celery's consumer
+hands over its own messages (``celery/worker/consumer/consumer.py``,
+``on_task_received``). Celery's ``Request`` then runs it in the pool, sends its
+task events, lists it for ``inspect active``, honours ``revoke``, fires the task
+signals that Sentry's and OpenTelemetry's Celery integrations hook into, and
+settles the raw message with its ack or reject: no second broker hop, no second
+runtime. A retry is ``Task.retry``: a task message on the task queue, parked in
+RabbitMQ by native delayed delivery until due, under the same task id.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
+from celery.exceptions import Reject
 from kombu.message import Message
-from kombu.utils.encoding import safe_repr
+from kombu.serialization import dumps
+from pydantic import ValidationError
+from vine import promise
 
-from invoice_mailer.errors import PublishError
-from invoice_mailer.events import Reissued, outgoing_event_id
-from invoice_mailer.metrics import IN_FLIGHT
-from invoice_mailer.pipeline import Done, Duplicate, GaveUp, Job, RetryLater
+from invoice_mailer.events import outgoing_event_id
+from invoice_mailer.job import EventRef, Job
+from invoice_mailer.ledger import LedgerError
+from invoice_mailer.pipeline import Done, Duplicate, GaveUp, RetryLater
+from tasks._queues import TASK_QUEUE
 
 if TYPE_CHECKING:
     from tasks._app import InvoiceMailerCelery
 
-__all__ = ["TASK_NAME", "FirstAttempt", "job_repr", "register", "settle_quietly", "task_id_for"]
+__all__ = [
+    "TASK_NAME",
+    "EventGaveUp",
+    "Waiting",
+    "job_repr",
+    "register",
+    "run_first_attempt",
+    "task_id_for",
+]
 
-log = logging.getLogger("invoice_mailer.consumer")
+log = logging.getLogger("invoice_mailer.task")
 
 # Reads as what it does in Flower and in logs.
 TASK_NAME = "invoice_mailer.resend_invoice_email"
+
+
+class EventGaveUp(Exception):
+    """The task's failure when an event is given up: Flower shows it with its reason.
+
+    Expected (the task's ``throws``): Celery logs it without a traceback and Sentry's
+    Celery integration does not report it; the API's answer was already handled.
+    """
+
+    def __init__(self, reason: dict[str, Any]) -> None:
+        self.step: str = reason["step"]
+        self.status: int | None = reason["status"]
+        self.code: str = reason["code"]
+        answer = " ".join(str(p) for p in (self.status, self.code) if p is not None)
+        super().__init__(f"{self.step} {answer}: {reason['detail']}")
+
+
+class Waiting(Exception):
+    """The ``exc`` of a retry: Flower shows "resend 429 rate_limited, retry in 6 s"."""
 
 
 def job_repr(job: Job) -> str:
@@ -43,136 +72,108 @@ def job_repr(job: Job) -> str:
     return repr({"event": job.event.event_id, "invoice": job.event.invoice})
 
 
-def task_id_for(event: Reissued) -> str:
+def task_id_for(event: EventRef) -> str:
     """The task id of an event: the same on every delivery, so Flower shows one task."""
     return outgoing_event_id(TASK_NAME, event.source, event.event_id)
 
 
-def summary(outcome: Done | GaveUp | Duplicate) -> dict[str, Any]:
+def summary(outcome: Done | Duplicate) -> dict[str, Any]:
     """The task's result, as Flower shows it."""
     if isinstance(outcome, Duplicate):
         return {"outcome": "duplicate", "event": outcome.record.outcome_event_id}
-    return {
-        "outcome": "email_queued" if isinstance(outcome, Done) else "email_failed",
-        "event": outcome.event["id"],
-    }
+    return {"outcome": "email_queued", "event": outcome.event["id"]}
 
 
 def register(app: InvoiceMailerCelery) -> None:
-    # max_retries=None on the task, not on retry(): there None means "the task's default" (3).
+    # max_retries=None on the task, not on retry(): there None means "the task's default".
+    # acks_on_failure: a failure is an event given up (its dead letter is written) or a
+    # task that could not even be read; bugs are rejected (Reject) into the dead-letter
+    # queue explicitly below.
     @app.task(
-        bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=None
+        bind=True,
+        name=TASK_NAME,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        acks_on_failure=True,
+        max_retries=None,
+        throws=(EventGaveUp,),
     )
     def resend_invoice_email(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         """Resend one invoice email, read where it went, publish the outcome."""
-        outcome = app.runtime.pipeline.run(Job.from_dict(job))
+        try:
+            parsed = Job.model_validate(job)
+        except ValidationError as exc:
+            # Not a message this service wrote: the broker's dead-letter queue keeps it.
+            log.error("unreadable task message: %s", exc.errors(include_input=False))
+            raise Reject(f"unreadable job: {exc.error_count()} errors", requeue=False) from None
+        try:
+            outcome = _run(app, parsed)
+        except Exception as exc:
+            # A bug, not an API answer: log it (Sentry reports error logs) and let the
+            # queue dead-letter the message (x-death says why).
+            log.exception("unexpected error running an event; rejecting it")
+            raise Reject(repr(exc), requeue=False) from exc
         if isinstance(outcome, RetryLater):
-            raise self.retry(
-                kwargs={"job": outcome.job.to_dict()},
-                countdown=outcome.delay_seconds,
-                kwargsrepr=job_repr(outcome.job),
-            )
+            try:
+                raise self.retry(
+                    kwargs={"job": outcome.job.wire()},
+                    countdown=outcome.delay_seconds,
+                    exc=Waiting(outcome.describe()),
+                    kwargsrepr=job_repr(outcome.job),
+                )
+            except Reject as exc:
+                # Celery could not publish the retry and rejects without requeue; the
+                # event must not be dead-lettered for the broker's trouble: requeue it.
+                log.warning("could not park a retry; the broker keeps the event: %s", exc)
+                raise Reject(exc.reason, requeue=True) from exc
+        if isinstance(outcome, GaveUp):
+            raise EventGaveUp(outcome.reason)
         return summary(outcome)
 
 
-class FirstAttempt:
-    """Runs a new event in the worker's thread pool, then settles its raw message.
-
-    The raw message stays unacknowledged until the attempt is over: acked once
-    the event is finished or its retry task is confirmed by the broker, requeued
-    if that retry could not be published, rejected (dead-lettered) on a bug. A
-    killed worker leaves it unacked, and RabbitMQ delivers it again. Acks go
-    through the event loop: the channel belongs to its thread.
-    """
-
-    def __init__(self, app: InvoiceMailerCelery, consumer: Any) -> None:
-        self._app = app
-        self._consumer = consumer  # celery.worker.consumer.Consumer: pool, loop, events
-
-    def submit(self, job: Job, message: Message) -> None:
-        # Celery's apply_target calls the callback with the result: it must be callable.
-        self._consumer.pool.apply_async(self._run, args=(job, message), callback=_ignore)
-
-    def _run(self, job: Job, message: Message) -> None:
-        task_id = task_id_for(job.event)
-        settle: Callable[[], Any] = message.ack
-        IN_FLIGHT.labels("task").inc()
-        started = time.monotonic()
-        try:
-            self._emit(
-                "task-received",
-                uuid=task_id,
-                name=TASK_NAME,
-                args="()",
-                kwargs=job_repr(job),
-                root_id=task_id,
-                parent_id=None,
-                retries=0,
-                eta=None,
-                expires=None,
-            )
-            self._emit("task-started", uuid=task_id, pid=os.getpid())
-            outcome = self._app.runtime.pipeline.run(job)
-            if isinstance(outcome, RetryLater):
-                self._park(task_id, outcome)
-                self._emit(
-                    "task-retried",
-                    uuid=task_id,
-                    exception=f"Retry in {outcome.delay_seconds}s: {outcome.step} {outcome.kind}",
-                    traceback="",
-                )
-            else:
-                self._emit(
-                    "task-succeeded",
-                    uuid=task_id,
-                    result=safe_repr(summary(outcome)),
-                    runtime=time.monotonic() - started,
-                )
-        except PublishError as exc:
-            log.warning("could not park a retry; the broker keeps the event: %s", exc)
-            settle = message.requeue
-            self._emit("task-failed", uuid=task_id, exception=safe_repr(exc), traceback="")
-        except Exception as exc:
-            # A bug, not an API answer: the raw queue dead-letters it (x-death says why).
-            log.exception("unexpected error running an event; rejecting it")
-            settle = functools.partial(message.reject, requeue=False)
-            self._emit("task-failed", uuid=task_id, exception=safe_repr(exc), traceback="")
-        finally:
-            IN_FLIGHT.labels("task").dec()
-        self._consumer.call_soon(settle_quietly, settle)
-
-    def _park(self, task_id: str, retry: RetryLater) -> None:
-        """The retry as a task, held by RabbitMQ until due (confirmed before the ack)."""
-        try:
-            self._app.send_task(
-                TASK_NAME,
-                kwargs={"job": retry.job.to_dict()},
-                kwargsrepr=job_repr(retry.job),
-                countdown=retry.delay_seconds,
-                task_id=task_id,
-                retries=1,
-            )
-        except Exception as exc:
-            raise PublishError(f"could not publish the retry task: {exc!r}") from exc
-
-    def _emit(self, kind: str, **fields: Any) -> None:
-        """A task event for Flower; best effort, as Celery's own are."""
-        dispatcher = self._consumer.event_dispatcher
-        if dispatcher is None:
-            return
-        try:
-            dispatcher.send(kind, **fields)
-        except Exception:
-            log.debug("could not send %s", kind, exc_info=True)
-
-
-def _ignore(_: object) -> None:
-    pass
-
-
-def settle_quietly(action: Callable[[], object]) -> None:
-    """Ack, requeue or reject; on a channel already gone the broker redelivers (celery#4671)."""
+def _run(app: InvoiceMailerCelery, job: Job) -> Done | GaveUp | Duplicate | RetryLater:
     try:
-        action()
-    except Exception:
-        log.warning("could not settle the message; the broker will redeliver it", exc_info=True)
+        pipeline = app.runtime.pipeline
+    except LedgerError as exc:  # the ledger cannot be opened (yet): wait, never fail
+        return app.runtime.wait_for_ledger(job, exc)
+    return pipeline.run(job)
+
+
+def run_first_attempt(consumer: Any, raw: Message, job: Job) -> None:
+    """Run the task for a raw event's message, as Celery runs its own task messages.
+
+    ``consumer`` is the worker's ``celery.worker.consumer.Consumer``. The task
+    message is a view of the raw delivery (same channel and delivery tag), so the
+    Request's ack or reject settles the raw message; its routing names the task
+    queue, where ``Task.retry`` sends a retry.
+    """
+    app = consumer.app
+    task_id = task_id_for(job.event)
+    message = app.amqp.as_task_v2(
+        task_id,
+        TASK_NAME,
+        args=(),
+        kwargs={"job": job.wire()},
+        argsrepr="()",
+        kwargsrepr=job_repr(job),
+        root_id=task_id,
+    )
+    content_type, content_encoding, body = dumps(message.body, serializer="json")
+    view = Message(
+        body=body,
+        delivery_tag=raw.delivery_tag,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        delivery_info={**raw.delivery_info, "exchange": TASK_QUEUE, "routing_key": TASK_QUEUE},
+        properties={**message.properties, "delivery_mode": 2},
+        headers=message.headers,
+        channel=raw.channel,
+    )
+    strategy = consumer.strategies[TASK_NAME]
+    strategy(
+        view,
+        None,
+        promise(consumer.call_soon_ack, (view.ack_log_error,)),
+        promise(consumer.call_soon_ack, (view.reject_log_error,)),
+        consumer.on_task_message,
+    )

@@ -2,12 +2,15 @@
 
 Keyed by the event's ``(source, id)``. A run *claims* the event with a lease before
 doing anything; a second run (a duplicate publish, a redelivery) finds the event
-done, or busy, or free to take over once the lease expired. A resend is marked
-in flight (by the claim) before it is sent, and its result is recorded with the
-publication or when the lease is given back: two writes for an event that goes
-well. A run that dies in between leaves the resend in flight, and the next run
-finds it in email-info (or sends it again under the same idempotency key) rather
-than repeating it blind.
+done, or busy, or free to take over once the lease expired. The ledger is the one
+record of what happened to an event: every effect is written the moment it is
+known, before anything that can block (a resend's answer before email-info is
+asked, email-info's answer before publishing, a give-up's dead letter before its
+``invoice.email_failed``), and each write by the lease's holder renews the lease.
+A resend is marked in flight (by the claim) before it is sent; a run that dies
+before its answer is recorded leaves it in flight, and the next run finds it in
+email-info (or sends it again under the same idempotency key) rather than
+repeating it blind.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class Record:
     updated_at: float
     takeovers: int = 0
     """Runs that took the event over after its holder's lease ran out (holder died)."""
+    dead_lettered: bool = False
+    """The give-up in ``failure`` has its dead letter: only its event remains to publish."""
 
     @property
     def final(self) -> bool:
@@ -95,6 +100,7 @@ class Record:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             takeovers=int(row.get("takeovers") or 0),
+            dead_lettered=bool(row.get("dead_lettered")),
         )
 
 
@@ -145,7 +151,8 @@ class Ledger(Protocol):
     ) -> Claim:
         """Take the event's lease, atomically. ``reopen_failed`` lets a replay retry
         an event that had failed (a published one stays done). ``begin_resend`` also
-        marks a resend as in flight, in the same write, unless one is recorded."""
+        marks a resend as in flight, in the same write, unless one is recorded or the
+        event is given up."""
         ...
 
     def begin_resend(
@@ -163,38 +170,63 @@ class Ledger(Protocol):
         """The last resend got a definite answer without effect (an error response)."""
         ...
 
+    # Each record_* below writes one fact whoever holds the lease now (a fact is a fact),
+    # renews the lease if ``owner`` holds it, and returns the record as it now stands.
+
     def record_resend(
         self,
         key: EventKey,
         result: ResendResult,
         *,
+        owner: str,
         now: float,
+        lease_seconds: float,
         email_info: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Record:
         """The resend happened (and, when known already, where the email went)."""
         ...
 
-    def record_published(
+    def record_email_info(
         self,
         key: EventKey,
-        outcome_event_id: str,
         *,
+        owner: str,
         now: float,
-        email_info: dict[str, Any] | None = None,
-        email_info_error: str | None = None,
-        resend: ResendResult | None = None,
-    ) -> None:
-        """``invoice.email_queued`` went out: the event is done, with what it reported
-        (and the resend, if it was not recorded yet)."""
+        lease_seconds: float,
+        email_info: dict[str, Any] | None,
+        error: str | None = None,
+    ) -> Record:
+        """email-info answered (``email_info``), or was given up (``error`` says why)."""
         ...
 
-    def record_failed(
-        self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
-    ) -> None: ...
+    def record_failure(
+        self,
+        key: EventKey,
+        failure: dict[str, Any],
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+    ) -> Record:
+        """The event is given up (``reason`` of ``invoice.email_failed``); not final yet."""
+        ...
 
-    def release(self, key: EventKey, owner: str, *, resend: ResendResult | None = None) -> None:
-        """Give the lease back (before a retry waits in the broker), recording the
-        resend if it happened and was not recorded yet."""
+    def record_dead_lettered(
+        self, key: EventKey, *, owner: str, now: float, lease_seconds: float
+    ) -> Record:
+        """The give-up's dead letter is on its queue."""
+        ...
+
+    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
+        """``invoice.email_queued`` went out: the event is done; the lease is given back."""
+        ...
+
+    def record_failed(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
+        """``invoice.email_failed`` went out: the event is done; the lease is given back."""
+        ...
+
+    def release(self, key: EventKey, owner: str) -> None:
+        """Give the lease back, if ``owner`` holds it (before a retry waits in the broker)."""
         ...
 
     def find(self, event_id: str) -> list[Record]:

@@ -23,6 +23,7 @@ from invoice_mailer.ledger._base import (
     Claim,
     Claimed,
     EventKey,
+    LedgerError,
     Record,
 )
 
@@ -66,10 +67,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             f"ALTER TABLE {TABLE} ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        3,
+        [
+            # The give-up's dead letter was written: a retry of its email_failed
+            # publication must not write a second one.
+            f"ALTER TABLE {TABLE} ADD COLUMN dead_lettered INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 SCHEMA_TABLE = "invoice_mailer_schema"
 
 _KEY = "source = :source AND event_id = :event_id"
+# Every write by the lease's holder renews it: a run that makes progress keeps its event.
+_RENEW = """lease_expires_at = CASE WHEN lease_owner = :owner
+        THEN :expires ELSE lease_expires_at END"""
 
 
 class SqlLedger(ABC):
@@ -108,7 +120,7 @@ class SqlLedger(ABC):
             # poison is replayed once its cause is fixed (or because it was only in
             # flight beside the poison), and must not be given up again at once.
             self._execute(
-                f"""UPDATE {TABLE} SET state = '{OPEN}', failure = NULL,
+                f"""UPDATE {TABLE} SET state = '{OPEN}', failure = NULL, dead_lettered = 0,
                         outcome_event_id = NULL, takeovers = 0, updated_at = :now
                     WHERE {_KEY} AND state = '{FAILED}'""",
                 params,
@@ -129,9 +141,10 @@ class SqlLedger(ABC):
                         WHEN {TABLE}.lease_owner IS NOT NULL AND {TABLE}.lease_owner <> :owner
                         THEN 1 ELSE 0 END,
                     resend_in_flight = {TABLE}.resend_in_flight + CASE
-                        WHEN :begin = 1 AND {TABLE}.resend IS NULL THEN 1 ELSE 0 END,
+                        WHEN :begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL
+                        THEN 1 ELSE 0 END,
                     resend_first_started_at = CASE
-                        WHEN :begin = 1 AND {TABLE}.resend IS NULL
+                        WHEN :begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL
                         THEN COALESCE({TABLE}.resend_first_started_at, :now)
                         ELSE {TABLE}.resend_first_started_at END,
                     lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
@@ -143,7 +156,7 @@ class SqlLedger(ABC):
         )
         if rows:
             row = rows[0]
-            began = begin_resend and row["resend"] is None
+            began = begin_resend and row["resend"] is None and row["failure"] is None
             if began:  # the record as it was before this claim began the resend
                 row = {**row, "resend_in_flight": row["resend_in_flight"] - 1}
             return Claimed(
@@ -179,72 +192,111 @@ class SqlLedger(ABC):
         key: EventKey,
         result: ResendResult,
         *,
+        owner: str,
         now: float,
+        lease_seconds: float,
         email_info: dict[str, Any] | None = None,
-    ) -> None:
-        self._execute(
-            f"""UPDATE {TABLE} SET resend = :resend, resend_in_flight = 0, updated_at = :now,
-                    email_info = COALESCE(:info, email_info),
-                    email_info_done = CASE WHEN :info IS NULL THEN email_info_done ELSE 1 END
-                WHERE {_KEY}""",
-            {
-                **_key(key),
-                "resend": _resend_json(result),
-                "now": now,
-                "info": json.dumps(email_info) if email_info is not None else None,
-            },
+    ) -> Record:
+        return self._update(
+            key,
+            """resend = :resend, resend_in_flight = 0,
+                email_info = COALESCE(:info, email_info),
+                email_info_done = CASE WHEN :info IS NULL THEN email_info_done ELSE 1 END""",
+            owner=owner,
+            now=now,
+            lease_seconds=lease_seconds,
+            resend=_resend_json(result),
+            info=_json(email_info),
         )
 
-    def record_published(
+    def record_email_info(
         self,
         key: EventKey,
-        outcome_event_id: str,
         *,
+        owner: str,
         now: float,
-        email_info: dict[str, Any] | None = None,
-        email_info_error: str | None = None,
-        resend: ResendResult | None = None,
-    ) -> None:
-        self._execute(
-            f"""UPDATE {TABLE} SET state = '{PUBLISHED}', outcome_event_id = :outcome,
-                    resend = COALESCE(resend, :resend), resend_in_flight = 0,
-                    email_info = :info, email_info_error = :error, email_info_done = 1,
-                    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
-                WHERE {_KEY}""",
-            {
-                **_key(key),
-                "outcome": outcome_event_id,
-                "now": now,
-                "error": email_info_error,
-                "info": json.dumps(email_info) if email_info is not None else None,
-                "resend": _resend_json(resend),
-            },
+        lease_seconds: float,
+        email_info: dict[str, Any] | None,
+        error: str | None = None,
+    ) -> Record:
+        return self._update(
+            key,
+            "email_info = :info, email_info_error = :error, email_info_done = 1",
+            owner=owner,
+            now=now,
+            lease_seconds=lease_seconds,
+            info=_json(email_info),
+            error=error,
         )
 
-    def record_failed(
-        self, key: EventKey, failure: dict[str, Any], outcome_event_id: str, *, now: float
-    ) -> None:
+    def record_failure(
+        self,
+        key: EventKey,
+        failure: dict[str, Any],
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+    ) -> Record:
+        return self._update(
+            key,
+            "failure = :failure",
+            owner=owner,
+            now=now,
+            lease_seconds=lease_seconds,
+            failure=json.dumps(failure),
+        )
+
+    def record_dead_lettered(
+        self, key: EventKey, *, owner: str, now: float, lease_seconds: float
+    ) -> Record:
+        return self._update(
+            key, "dead_lettered = 1", owner=owner, now=now, lease_seconds=lease_seconds
+        )
+
+    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
+        return self._finish(key, PUBLISHED, outcome_event_id, now=now)
+
+    def record_failed(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
+        return self._finish(key, FAILED, outcome_event_id, now=now)
+
+    def release(self, key: EventKey, owner: str) -> None:
         self._execute(
-            f"""UPDATE {TABLE} SET state = '{FAILED}', outcome_event_id = :outcome,
-                    failure = :failure, lease_owner = NULL, lease_expires_at = NULL,
+            f"""UPDATE {TABLE} SET lease_owner = NULL, lease_expires_at = NULL
+                WHERE {_KEY} AND lease_owner = :owner""",
+            {**_key(key), "owner": owner},
+        )
+
+    def _update(
+        self,
+        key: EventKey,
+        assignments: str,
+        *,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        **values: Any,
+    ) -> Record:
+        """One fact about the event, whoever holds its lease now; the holder's lease renewed.
+
+        ``assignments`` is always a module constant; values are bound.
+        """
+        rows = self._execute(
+            f"""UPDATE {TABLE} SET {assignments}, {_RENEW}, updated_at = :now
+                WHERE {_KEY} RETURNING *""",
+            {**_key(key), "owner": owner, "now": now, "expires": now + lease_seconds, **values},
+        )
+        return _one(rows, key)
+
+    def _finish(self, key: EventKey, state: str, outcome_event_id: str, *, now: float) -> Record:
+        rows = self._execute(
+            f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome,
+                    resend_in_flight = 0, lease_owner = NULL, lease_expires_at = NULL,
                     updated_at = :now
-                WHERE {_KEY}""",
-            {**_key(key), "outcome": outcome_event_id, "now": now, "failure": json.dumps(failure)},
+                WHERE {_KEY} RETURNING *""",
+            {**_key(key), "state": state, "outcome": outcome_event_id, "now": now},
         )
-
-    def release(self, key: EventKey, owner: str, *, resend: ResendResult | None = None) -> None:
-        # The resend is a fact whoever holds the lease now; the lease is only ours to give.
-        self._execute(
-            f"""UPDATE {TABLE} SET
-                    resend = COALESCE(resend, :resend),
-                    resend_in_flight = CASE
-                        WHEN :resend IS NULL THEN resend_in_flight ELSE 0 END,
-                    lease_expires_at = CASE
-                        WHEN lease_owner = :owner THEN NULL ELSE lease_expires_at END,
-                    lease_owner = CASE WHEN lease_owner = :owner THEN NULL ELSE lease_owner END
-                WHERE {_KEY}""",
-            {**_key(key), "owner": owner, "resend": _resend_json(resend)},
-        )
+        return _one(rows, key)
 
     def find(self, event_id: str) -> list[Record]:
         rows = self._execute(
@@ -273,6 +325,16 @@ class SqlLedger(ABC):
 
 def _resend_json(result: ResendResult | None) -> str | None:
     return json.dumps(result.to_dict()) if result is not None else None
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return json.dumps(value) if value is not None else None
+
+
+def _one(rows: list[dict[str, Any]], key: EventKey) -> Record:
+    if not rows:  # every write follows a claim, which inserted the row
+        raise LedgerError(f"no ledger record for {key!r}")
+    return Record.from_row(rows[0])
 
 
 def _key(key: EventKey) -> dict[str, Any]:

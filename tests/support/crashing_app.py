@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from invoice_mailer.pipeline import Job
+from invoice_mailer.job import Job
 from settings import load_or_exit
 from tasks import create_app
 

@@ -4,7 +4,6 @@ when the resend is recorded."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +79,8 @@ def _pipeline(
     )
 
 
-JOB = Job(
-    event=Reissued(event_id="evt_1", source="/billing", invoice="RE-1"),
+JOB = Job.new(
+    Reissued(event_id="evt_1", source="/billing", invoice="RE-1"),
     body="{}",
     content_type="application/cloudevents+json",
 )
@@ -160,7 +159,7 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
     assert isinstance(first, RetryLater)
     clock.now += 25 * HOUR
     assert isinstance(pipeline.run(first.job), GaveUp)
-    replayed = pipeline.run(replace(JOB, replay=True))
+    replayed = pipeline.run(JOB.model_copy(update={"replay": True}))
     assert isinstance(replayed, Done)
     assert len(route.calls) == 2
 
@@ -181,8 +180,8 @@ class _FailingOnce(_Publisher):
 def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     ledger: Ledger, http: httpx.Client
 ) -> None:
-    """The resend is recorded when the lease is given back, so the retry publishes
-    without sending again (or asking whether it was sent)."""
+    """The resend is recorded when its answer arrives, so the retry publishes without
+    sending again (or asking whether it was sent)."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
     clock, pub = _Clock(1_800_000_000.0), _FailingOnce()
     pipeline = _pipeline(ledger, http, clock, pub)
@@ -190,24 +189,24 @@ def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     assert isinstance(first, RetryLater)
     assert first.step == "publish"
     clock.now += 5
-    second = pipeline.run(replace(first.job, resend=None))  # the ledger is the authority
+    assert "resend" not in first.job.wire()  # the ledger is the authority, not the message
+    second = pipeline.run(first.job)
     assert isinstance(second, Done)
     assert len(route.calls) == 1
     assert second.event["data"]["jobId"] == "9"
 
 
 @respx.mock
-def test_a_crash_between_the_resend_and_its_record_sends_again_under_the_same_key(
+def test_a_crash_after_the_resend_answered_sends_nothing_again(
     ledger: Ledger, http: httpx.Client
 ) -> None:
-    """The resend's result is written with the publication: a worker that dies in
-    between leaves it in flight, and the next run sends it again with the same
-    Idempotency-Key (Abillify has no email-info to look in)."""
+    """The resend's answer is written before anything else: a worker that dies right
+    after it leaves it recorded, and the run that takes over only publishes."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
     clock, pub = _Clock(1_800_000_000.0), _Publisher()
 
     def die_after_the_resend(point: str, job: Job) -> None:
-        if point == "resent" and len(route.calls) == 1:
+        if point == "resent":
             raise SystemExit("killed")
 
     dying = _pipeline(ledger, http, clock, pub, checkpoint=die_after_the_resend)
@@ -216,6 +215,42 @@ def test_a_crash_between_the_resend_and_its_record_sends_again_under_the_same_ke
     clock.now += 31  # the dead run's lease runs out
     outcome = _pipeline(ledger, http, clock, pub).run(JOB)
     assert isinstance(outcome, Done)
-    keys = {call.request.headers["idempotency-key"] for call in route.calls}
-    assert (len(route.calls), len(keys)) == (2, 1)
+    assert len(route.calls) == 1
+    assert outcome.event["data"]["jobId"] == "9"
     assert [e["type"] for e in pub.events] == ["invoice.email_queued"]
+
+
+class _Unroutable(_Publisher):
+    """Every publish of an event is refused (nothing bound); dead letters go through."""
+
+    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
+        raise PublishError("unroutable")
+
+
+@respx.mock
+def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wait(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """400 from the API, then email_failed cannot be published five times: one POST,
+    one dead letter; the sixth try publishes."""
+    route = respx.post(URL).mock(
+        return_value=httpx.Response(
+            400, json={"code": 400, "type": "ERR_INVALID_VALUE", "message": "bad", "details": []}
+        )
+    )
+    clock, pub = _Clock(1_800_000_000.0), _Unroutable()
+    pipeline = _pipeline(ledger, http, clock, pub)
+    outcome = pipeline.run(JOB)
+    for _ in range(5):
+        assert isinstance(outcome, RetryLater)
+        assert outcome.step == "publish"
+        clock.now += outcome.delay_seconds
+        outcome = pipeline.run(outcome.job)
+    assert isinstance(outcome, RetryLater)
+    pipeline = _pipeline(ledger, http, clock, working := _Publisher())
+    final = pipeline.run(outcome.job)
+    assert isinstance(final, GaveUp)
+    assert len(route.calls) == 1
+    assert [d.code for d in pub.dead_letters] == ["ERR_INVALID_VALUE"]
+    assert working.dead_letters == []
+    assert [e["type"] for e in working.events] == ["invoice.email_failed"]

@@ -88,8 +88,8 @@ def run(tmp_path: Path) -> Iterator[Any]:
 
         def run_event(invoice: str, faults: list[Fault]) -> Any:
             sandbox.script(invoice, "resend", faults)
-            job = Job(
-                event=Reissued(event_id=f"evt_{invoice}", source="/billing", invoice=invoice),
+            job = Job.new(
+                Reissued(event_id=f"evt_{invoice}", source="/billing", invoice=invoice),
                 body="{}",
                 content_type=None,
             )

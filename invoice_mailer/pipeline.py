@@ -205,9 +205,8 @@ class Pipeline:
         return outcome
 
     def _steps(self, run: _Run) -> Outcome:
-        if run.record.takeovers >= POISON_TAKEOVERS:
-            self._poison(run)
-        self._checkpoint("claimed", run.job)
+        if not (run.record.takeovers >= POISON_TAKEOVERS and self._poison(run)):
+            self._checkpoint("claimed", run.job)
         while True:
             step = next_step(run.record, has_email_info=self._provider.has_email_info)
             outcome = self._perform(step, run)
@@ -230,15 +229,15 @@ class Pipeline:
             return self._publish_queued(run)
         return Duplicate(run.record)  # Step.DONE: finished by another run meanwhile
 
-    def _poison(self, run: _Run) -> None:
-        """Workers keep dying on this event: stop feeding it to them.
+    def _poison(self, run: _Run) -> bool:
+        """Workers keep dying on this event: stop feeding it to them. True if it did.
 
         Before the resend: give up (``invoice.email_failed`` and a dead letter). After
         it the email is out, so ``invoice.email_queued`` says so, without email-info.
         """
         record = run.record
         if record.failure is not None or (record.resend is not None and record.email_info_done):
-            return
+            return False
         code = "worker_lost_repeatedly"
         detail = f"{record.takeovers} workers died handling this event"
         step = RESEND if record.resend is None else EMAIL_INFO
@@ -252,6 +251,7 @@ class Pipeline:
             run.record = self._ledger.record_email_info(
                 run.key, **self._lease(run), email_info=None, error=f"{code}: {detail}"
             )
+        return True
 
     # -- resend ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from invoice_mailer.job import EventRef, Job
 from invoice_mailer.ledger import LedgerError
 from invoice_mailer.pipeline import Done, Duplicate, GaveUp, RetryLater
 from tasks._queues import TASK_QUEUE
+from tasks._workarounds import ReadableRetry
 
 if TYPE_CHECKING:
     from tasks._app import InvoiceMailerCelery
@@ -52,15 +53,15 @@ class EventGaveUp(Exception):
     """The task's failure when an event is given up: Flower shows it with its reason.
 
     Expected (the task's ``throws``): Celery logs it without a traceback and Sentry's
-    Celery integration does not report it; the API's answer was already handled.
+    Celery integration does not report it; the API's answer was already handled. Its
+    one argument is its message, so that Celery can pickle it for the task events.
     """
 
-    def __init__(self, reason: dict[str, Any]) -> None:
-        self.step: str = reason["step"]
-        self.status: int | None = reason["status"]
-        self.code: str = reason["code"]
-        answer = " ".join(str(p) for p in (self.status, self.code) if p is not None)
-        super().__init__(f"{self.step} {answer}: {reason['detail']}")
+    @classmethod
+    def of(cls, reason: dict[str, Any]) -> EventGaveUp:
+        """From ``invoice.email_failed``'s ``reason``: "resend 404 not_found: detail"."""
+        answer = " ".join(str(p) for p in (reason["status"], reason["code"]) if p is not None)
+        return cls(f"{reason['step']} {answer}: {reason['detail']}")
 
 
 class Waiting(Exception):
@@ -115,19 +116,21 @@ def register(app: InvoiceMailerCelery) -> None:
             raise Reject(repr(exc), requeue=False) from exc
         if isinstance(outcome, RetryLater):
             try:
-                raise self.retry(
+                retry = self.retry(
                     kwargs={"job": outcome.job.wire()},
                     countdown=outcome.delay_seconds,
                     exc=Waiting(outcome.describe()),
                     kwargsrepr=job_repr(outcome.job),
+                    throw=False,
                 )
             except Reject as exc:
                 # Celery could not publish the retry and rejects without requeue; the
                 # event must not be dead-lettered for the broker's trouble: requeue it.
                 log.warning("could not park a retry; the broker keeps the event: %s", exc)
                 raise Reject(exc.reason, requeue=True) from exc
+            raise ReadableRetry.of(retry)
         if isinstance(outcome, GaveUp):
-            raise EventGaveUp(outcome.reason)
+            raise EventGaveUp.of(outcome.reason)
         return summary(outcome)
 
 

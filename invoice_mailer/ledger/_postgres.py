@@ -15,32 +15,39 @@ __all__ = ["PostgresLedger"]
 
 # Any fixed number: serialises migrations of every process sharing the database.
 _MIGRATION_LOCK = 0x1A7_0_1CE
+CONNECT_TIMEOUT_SECONDS = 5
+WAIT_SECONDS = 10.0
 
 
 class PostgresLedger(SqlLedger):
     """A small connection pool per process, autocommit statements."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        # Bounded waits: a statement, or the first connection, gives up well inside a
+        # run's lease, and the run then waits in the broker instead of a thread.
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            open=False,
+            timeout=WAIT_SECONDS,
+        )
         try:
-            self._pool = ConnectionPool(
-                url,
-                min_size=1,
-                max_size=pool_size,
-                kwargs={"autocommit": True},
-                open=True,
-                timeout=30,
-            )
-            self._pool.wait(timeout=30)
-        except (psycopg.Error, TimeoutError) as exc:
+            self._pool.open(wait=True, timeout=WAIT_SECONDS)
+            self._migrate()
+        except (psycopg.Error, LedgerError) as exc:
+            self._pool.close()  # its workers would go on reconnecting in the background
+            if isinstance(exc, LedgerError):
+                raise
             raise LedgerError(f"cannot connect to the PostgreSQL ledger: {exc}") from None
-        self._migrate()
 
     def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
                 cursor.execute(pyformat(sql), params)
                 return list(cursor.fetchall()) if cursor.description else []
-        except psycopg.Error as exc:
+        except psycopg.Error as exc:  # PoolTimeout included
             raise LedgerError(f"PostgreSQL ledger: {exc}") from exc
 
     def _migrate(self) -> None:

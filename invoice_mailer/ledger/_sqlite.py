@@ -67,7 +67,10 @@ class SqliteLedger(SqlLedger):
     def __init__(self, path: str) -> None:
         self._path = path
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
         self._conn = self._connect()
         self._migrate()
         self._queue: queue.SimpleQueue[_Statement | None] = queue.SimpleQueue()

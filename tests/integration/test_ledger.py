@@ -96,7 +96,8 @@ def test_published_events_are_done(ledger: Ledger) -> None:
 def test_failed_events_are_done_unless_replayed(ledger: Ledger) -> None:
     """A failed event is a duplicate, except for a replay from the dead-letter queue."""
     _claim(ledger, "a")
-    ledger.record_failed(KEY, {"code": "not_found"}, "out-f", now=T0 + 1)
+    ledger.record_failure(KEY, {"code": "not_found"}, owner="a", now=T0, lease_seconds=LEASE)
+    ledger.record_failed(KEY, "out-f", now=T0 + 1)
     assert isinstance(_claim(ledger, "b", now=T0 + 2), AlreadyDone)
     claim = _claim(ledger, "c", now=T0 + 3, reopen_failed=True)
     assert isinstance(claim, Claimed)
@@ -108,7 +109,7 @@ def test_a_replay_forgets_the_workers_lost_before(ledger: Ledger) -> None:
     instead of being given up at once for the takeovers counted before."""
     for n, owner in enumerate("abcd"):
         _claim(ledger, owner, now=T0 + n * (LEASE + 1))  # each holder dies: its lease expires
-    ledger.record_failed(KEY, {"code": "worker_lost_repeatedly"}, "out-f", now=T0 + 4 * LEASE)
+    ledger.record_failed(KEY, "out-f", now=T0 + 4 * LEASE)
     [failed] = ledger.find(KEY[1])
     assert (failed.state, failed.takeovers) == ("failed", 3)
     claim = _claim(ledger, "e", now=T0 + 5 * LEASE, reopen_failed=True)
@@ -138,7 +139,14 @@ def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
     """Resend and email-info results survive to the next claim."""
     _claim(ledger, "a")
     ledger.begin_resend(KEY, owner="a", now=T0, lease_seconds=LEASE)
-    ledger.record_resend(KEY, RESULT, now=T0 + 1, email_info={"emails": [], "currentTargets": None})
+    ledger.record_resend(
+        KEY,
+        RESULT,
+        owner="a",
+        now=T0 + 1,
+        lease_seconds=LEASE,
+        email_info={"emails": [], "currentTargets": None},
+    )
     ledger.release(KEY, "a")
     claim = _claim(ledger, "b", now=T0 + 3)
     assert isinstance(claim, Claimed)
@@ -148,19 +156,68 @@ def test_recorded_effects_are_read_back(ledger: Ledger) -> None:
     assert claim.record.email_info_done
 
 
-def test_publication_records_what_was_reported(ledger: Ledger) -> None:
-    """The published record keeps the email-info (or why there is none) it reported."""
+def test_an_email_info_given_up_is_recorded_with_why(ledger: Ledger) -> None:
+    """email-info's give-up is a fact like its answer: recorded, then published."""
     _claim(ledger, "a")
-    ledger.record_published(
-        KEY, "out-1", now=T0 + 1, email_info=None, email_info_error="internal_error: down"
+    record = ledger.record_email_info(
+        KEY, owner="a", now=T0 + 1, lease_seconds=LEASE, email_info=None, error="x: down"
     )
-    [record] = ledger.find(KEY[1])
-    assert (record.state, record.email_info, record.email_info_error) == (
-        "published",
+    assert (record.email_info, record.email_info_error, record.email_info_done) == (
         None,
-        "internal_error: down",
+        "x: down",
+        True,
     )
-    assert record.email_info_done
+    record = ledger.record_published(KEY, "out-1", now=T0 + 2)
+    assert (record.state, record.outcome_event_id, record.lease_owner) == (
+        "published",
+        "out-1",
+        None,
+    )
+    assert record.email_info_error == "x: down"
+
+
+def test_every_write_by_the_holder_renews_its_lease(ledger: Ledger) -> None:
+    """A run that makes progress keeps its event: each write pushes the lease out; a
+    write by a run that lost the lease records its fact but leaves the lease alone."""
+    _claim(ledger, "a")
+    record = ledger.record_resend(KEY, RESULT, owner="a", now=T0 + 20, lease_seconds=LEASE)
+    assert record.lease_expires_at == T0 + 20 + LEASE
+    assert isinstance(_claim(ledger, "b", now=T0 + LEASE + 1), Busy)
+    record = ledger.record_email_info(
+        KEY, owner="z", now=T0 + 25, lease_seconds=LEASE, email_info={"emails": []}
+    )
+    assert (record.lease_owner, record.lease_expires_at) == ("a", T0 + 20 + LEASE)
+    assert record.email_info == {"emails": []}
+
+
+def test_a_give_up_and_its_dead_letter_are_recorded_before_the_event(ledger: Ledger) -> None:
+    """The failure, then the dead letter, each its own fact; the event is not final until
+    email_failed is recorded, and a claim meanwhile begins no resend."""
+    failure = {"step": "resend", "status": 404, "code": "not_found", "detail": "gone"}
+    _claim(ledger, "a", begin_resend=True)
+    ledger.resend_not_sent(KEY)
+    record = ledger.record_failure(KEY, failure, owner="a", now=T0 + 1, lease_seconds=LEASE)
+    assert (record.failure, record.dead_lettered, record.final) == (failure, False, False)
+    record = ledger.record_dead_lettered(KEY, owner="a", now=T0 + 2, lease_seconds=LEASE)
+    assert record.dead_lettered
+    ledger.release(KEY, "a")
+    claim = _claim(ledger, "b", now=T0 + 3, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert (claim.resend_begun_at, claim.record.resend_in_flight) == (None, False)
+    assert claim.record.dead_lettered
+    record = ledger.record_failed(KEY, "out-1", now=T0 + 4)
+    assert (record.state, record.failure) == ("failed", failure)
+
+
+def test_a_replay_clears_the_give_up_and_its_dead_letter(ledger: Ledger) -> None:
+    """A replayed failed event starts its give-up afresh: a new failure gets a new letter."""
+    _claim(ledger, "a")
+    ledger.record_failure(KEY, {"code": "x"}, owner="a", now=T0, lease_seconds=LEASE)
+    ledger.record_dead_lettered(KEY, owner="a", now=T0, lease_seconds=LEASE)
+    ledger.record_failed(KEY, "out-1", now=T0)
+    claim = _claim(ledger, "b", now=T0 + 1, reopen_failed=True)
+    assert isinstance(claim, Claimed)
+    assert (claim.record.failure, claim.record.dead_lettered) == (None, False)
 
 
 def test_find_prune_and_counts(ledger: Ledger) -> None:
@@ -169,9 +226,10 @@ def test_find_prune_and_counts(ledger: Ledger) -> None:
         key = ("/billing", f"evt_{n}")
         _claim(ledger, "a", key=key)
         if state == "published":
-            ledger.record_published(key, "o", now=T0, email_info_error="x: y")
+            ledger.record_published(key, "o", now=T0)
         elif state == "failed":
-            ledger.record_failed(key, {"code": "x"}, "o", now=T0)
+            ledger.record_failure(key, {"code": "x"}, owner="a", now=T0, lease_seconds=LEASE)
+            ledger.record_failed(key, "o", now=T0)
     assert ledger.counts() == {"published": 1, "failed": 1, "open": 1}
     assert [r.source for r in ledger.find("evt_0")] == ["/billing"]
     assert ledger.prune(older_than=T0 - 1) == 0
@@ -253,25 +311,20 @@ def test_a_definite_failure_clears_the_resend_in_flight(ledger: Ledger) -> None:
 
 def test_a_claim_does_not_begin_a_resend_already_recorded(ledger: Ledger) -> None:
     _claim(ledger, "a", begin_resend=True)
-    ledger.release(KEY, "a", resend=RESULT)
+    ledger.record_resend(KEY, RESULT, owner="a", now=T0, lease_seconds=LEASE)
+    ledger.release(KEY, "a")
     claim = _claim(ledger, "b", now=T0 + 1, begin_resend=True)
     assert isinstance(claim, Claimed)
     assert claim.resend_begun_at is None
     assert (claim.record.resend, claim.record.resend_in_flight) == (RESULT, False)
 
 
-def test_the_resend_is_recorded_with_the_publication(ledger: Ledger) -> None:
-    _claim(ledger, "a", begin_resend=True)
-    ledger.record_published(KEY, "out-1", now=T0 + 1, email_info={"emails": []}, resend=RESULT)
-    [record] = ledger.find(KEY[1])
-    assert (record.state, record.resend, record.resend_in_flight) == ("published", RESULT, False)
-
-
 def test_a_run_that_lost_its_lease_still_records_its_resend(ledger: Ledger) -> None:
     """The resend happened whoever holds the lease now; only the lease stays theirs."""
     _claim(ledger, "a", begin_resend=True)
     _claim(ledger, "b", now=T0 + LEASE + 1)
-    ledger.release(KEY, "a", resend=RESULT)
+    ledger.record_resend(KEY, RESULT, owner="a", now=T0 + LEASE + 2, lease_seconds=LEASE)
+    ledger.release(KEY, "a")
     [record] = ledger.find(KEY[1])
     assert (record.resend, record.resend_in_flight, record.lease_owner) == (RESULT, False, "b")
 

@@ -84,7 +84,8 @@ def _answers(url: str) -> bool:
 def test_flower_shows_the_tasks_behind_basic_auth(
     start_worker: StartWorker, bus: Bus, sandbox: Sandbox, flower: str
 ) -> None:
-    """Flower lists the pipeline tasks by name and outcome; its API needs the password."""
+    """Flower lists the pipeline tasks by name and outcome: a done event is a success, a
+    given-up one a failure naming its reason; its API needs the password."""
     worker = start_worker()
     auth = ("ops", "s3cret")
     online = f'flower_worker_online{{worker="{worker.name}"}} 1.0'
@@ -103,20 +104,22 @@ def test_flower_shows_the_tasks_behind_basic_auth(
         return httpx.get(f"{flower}/api/tasks", auth=auth).json()  # type: ignore[no-any-return]
 
     wait_until(
-        lambda: len(tasks()) == 2 and all(t["state"] == "SUCCESS" for t in tasks().values()),
+        lambda: sorted(str(t["state"]) for t in tasks().values()) == ["FAILURE", "SUCCESS"],
         timeout=30,
-        what="Flower to list both tasks",
+        what="Flower to list one succeeded and one failed task",
     )
     listed = list(tasks().values())
     assert {t["name"] for t in listed} == {TASK}
-    results = sorted(str(t["result"]) for t in listed)
-    assert "'outcome': 'email_failed'" in results[0]
-    assert "'outcome': 'email_queued'" in results[1]
+    [done] = [t for t in listed if t["state"] == "SUCCESS"]
+    [failed] = [t for t in listed if t["state"] == "FAILURE"]
+    assert "'outcome': 'email_queued'" in str(done["result"])
+    assert str(failed["exception"]).startswith("EventGaveUp('resend 404 not_found:")
     assert httpx.get(f"{flower}/api/tasks").status_code == 401
     assert httpx.get(f"{flower}/api/tasks", auth=("ops", "wrong")).status_code == 401
     metrics = httpx.get(f"{flower}/metrics").text
-    succeeded = f'flower_events_total{{task="{TASK}",type="task-succeeded",worker="{worker.name}"}}'
-    assert f"{succeeded} 2.0" in metrics
+    for kind in ("task-succeeded", "task-failed"):
+        counted = f'flower_events_total{{task="{TASK}",type="{kind}",worker="{worker.name}"}}'
+        assert f"{counted} 1.0" in metrics
 
 
 def test_metrics_count_a_mixed_run(start_worker: StartWorker, bus: Bus, sandbox: Sandbox) -> None:

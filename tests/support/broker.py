@@ -160,8 +160,9 @@ class DeadLetterMessage:
 class Bus:
     """Upstream and downstream of the service: publishes raw events, captures outgoing ones."""
 
-    def __init__(self, url: str, *, capture: str | None = None) -> None:
-        """``capture`` names a durable capture queue that outlives a broker restart."""
+    def __init__(self, url: str, *, capture: str | None = None, listen: bool = True) -> None:
+        """``capture`` names a durable capture queue that outlives a broker restart;
+        ``listen=False`` binds nothing: upstream alone, with nothing bound downstream."""
         self.url = url
         self.conn = Connection(url, transport_options={"confirm_publish": True})
         self.exchange = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
@@ -174,8 +175,12 @@ class Bus:
         self.received: list[dict[str, Any]] = []
         self.received_messages: list[Any] = []
         self._channel = self.conn.channel()
-        self._capture.bind(self._channel).declare()
         self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._producer = self.conn.Producer(self.conn.channel())
+        if not listen:
+            self.exchange.bind(self._channel).declare()
+            return
+        self._capture.bind(self._channel).declare()
         # Acked one by one: a message the test never read goes back to the queue on close.
         self._consumer = Consumer(
             self._channel,
@@ -184,7 +189,6 @@ class Bus:
             prefetch_count=500,
         )
         self._consumer.consume()
-        self._producer = self.conn.Producer(self.conn.channel())
 
     def close(self) -> None:
         self.conn.close()

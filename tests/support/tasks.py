@@ -30,6 +30,10 @@ class TaskWatcher:
         """Every task-succeeded's result, in arrival order (one task may finish twice:
         a duplicate delivery of its event runs under the same id)."""
         self.taken_up = 0
+        self.retried: Counter[str] = Counter()
+        """task-retried events per task id."""
+        self.exceptions: dict[str, list[str]] = {}
+        """What each task-retried and task-failed said, per task id, in arrival order."""
         self._parked: Counter[str] = Counter()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -50,6 +54,10 @@ class TaskWatcher:
                 self._parked[uuid] += 1
             if kind == "task-succeeded":
                 self.results.append(event.get("result"))
+            if kind == "task-retried":
+                self.retried[uuid] += 1
+            if kind in ("task-retried", "task-failed"):
+                self.exceptions.setdefault(uuid, []).append(str(event.get("exception")))
             # Events of one task can arrive out of order across connections; a final
             # state is only undone by a later receipt (a retry comes back as received).
             previous = self.latest.get(uuid)

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import click
 
+from broker import DeadLetterEntry, DeadLetterQueue
 from cli._table import print_table
-from invoice_mailer.deadletters import DeadLetterEntry, DeadLetterQueue
 from invoice_mailer.errors import PublishError
 from settings import load_or_exit
 

@@ -12,13 +12,13 @@ import httpx
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
+from broker import EventPublisher
 from cli._deadletters import dead_letters
 from cli._ledger import ledger
 from cli._status import status
 from invoice_mailer.billing import build_http_client
 from invoice_mailer.errors import PublishError
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, REISSUED
-from invoice_mailer.publisher import EventPublisher
 from settings import Settings, load_or_exit
 
 EXIT_BROKER = 2

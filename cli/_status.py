@@ -8,10 +8,9 @@ from collections import Counter
 import click
 from kombu.utils.url import maybe_sanitize_url
 
+from broker import DeadLetterQueue, queue_depths
 from cli._table import print_table
-from invoice_mailer.deadletters import DeadLetterQueue
 from invoice_mailer.ledger import LedgerError, open_ledger
-from invoice_mailer.metrics import queue_depths
 from settings import load_or_exit
 from tasks import TASK_QUEUE, create_app
 

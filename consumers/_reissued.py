@@ -22,13 +22,13 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from kombu import Consumer
 from kombu.message import Message
 
+from broker import raw_body
 from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import EMAIL_FAILED, glimpse, parse_reissued
 from invoice_mailer.job import Job
-from invoice_mailer.messages import raw_body
 from invoice_mailer.observe import StepRecord
 from invoice_mailer.pipeline import failed_event
-from invoice_mailer.publisher import REPLAY_HEADER, DeadLetter
+from invoice_mailer.publishing import REPLAY_HEADER, DeadLetter
 from tasks import InvoiceMailerCelery
 from tasks.pipeline import run_first_attempt
 

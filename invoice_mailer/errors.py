@@ -8,7 +8,8 @@
      │    ├── RateLimited      429: wait ``retry_after`` seconds, then try again
      │    ├── TransientError   5xx, timeout, dropped connection: back off, try again
      │    └── Rejected         other 4xx: trying again cannot help
-     └── PublishError          the broker refused or could not route an event
+     ├── PublishError          the bus did not take an event; ``reason`` says why
+     └── LedgerError           the ledger's database could not be used: wait, never give up
 
 Every error carries its context as attributes (``status``, ``code``,
 ``detail``...), so no caller ever parses a message. No error's text contains a
@@ -17,11 +18,15 @@ credential: clients build them from the response, never from the request.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 __all__ = [
     "BillingError",
     "InvalidEvent",
     "InvoiceMailerError",
+    "LedgerError",
     "PublishError",
+    "PublishFailure",
     "RateLimited",
     "Rejected",
     "TransientError",
@@ -97,5 +102,27 @@ class Rejected(BillingError):
     """A 4xx other than 429 (or a response we cannot use): retrying cannot help."""
 
 
+class PublishFailure(StrEnum):
+    """Why the bus did not take an event."""
+
+    NACKED = "nacked"
+    """The broker refused it (a memory or disk alarm, a queue limit)."""
+    UNROUTABLE = "unroutable"
+    """Confirmed, but no queue is bound to its routing key: nobody would get it."""
+    UNREACHABLE = "unreachable"
+    """No connection, or it broke before the confirm."""
+    CLOSED = "closed"
+    """The publisher is shut down (the process is stopping)."""
+
+
 class PublishError(InvoiceMailerError):
-    """The broker did not take an event: nacked, unroutable, or unreachable."""
+    """The bus did not take an event; ``reason`` says why, ``detail`` for humans."""
+
+    def __init__(self, reason: PublishFailure, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class LedgerError(InvoiceMailerError):
+    """The ledger's database could not be used (down, full, locked for too long)."""

@@ -43,7 +43,7 @@ from invoice_mailer.policy import (
     server_error_delay,
     whole_seconds,
 )
-from invoice_mailer.publisher import DeadLetter, EventPublisher
+from invoice_mailer.publishing import DeadLetter, Publisher
 from invoice_mailer.steps import Step, next_step
 
 __all__ = [
@@ -150,7 +150,7 @@ class Pipeline:
         self,
         *,
         provider: BillingProvider,
-        publisher: EventPublisher,
+        publisher: Publisher,
         ledger: Ledger,
         policy: RetryPolicy,
         lease_seconds: float,
@@ -481,7 +481,7 @@ class Pipeline:
         history = run.job.step_history(PUBLISH)
         history = replace(history, attempts=history.attempts + 1)
         delay = whole_seconds(server_error_delay(history.attempts, self._policy, self._rng))
-        self._log(run.job, PUBLISH, "publish_failed", started, code=str(exc)[:200], wait=delay)
+        self._log(run.job, PUBLISH, "publish_failed", started, code=exc.reason, wait=delay)
         return RetryLater(run.job.with_history(PUBLISH, history), delay, PUBLISH, "publish")
 
     # -- bookkeeping -----------------------------------------------------------------------

@@ -7,9 +7,9 @@ from typing import Literal, Self
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker import Topology
 from invoice_mailer.billing import HttpConfig
 from invoice_mailer.policy import RetryPolicy
-from invoice_mailer.topology import Topology
 
 __all__ = ["Settings", "SettingsError", "load"]
 

@@ -10,10 +10,10 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from invoice_mailer.metrics import IN_FLIGHT
 from invoice_mailer.pipeline import Checkpoint
 from settings import Settings
 from tasks._logging import set_format as set_log_format
+from tasks._metrics import IN_FLIGHT
 from tasks._queues import TASK_DELIVERY_LIMIT, TASK_QUEUE
 from tasks._runtime import Runtime
 from tasks._sentry import init_sentry

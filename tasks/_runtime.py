@@ -14,14 +14,14 @@ import time
 
 import httpx
 
+from broker import EventPublisher
 from invoice_mailer.billing import build_http_client, build_provider
 from invoice_mailer.job import Job
 from invoice_mailer.ledger import Ledger, LedgerError, open_ledger
-from invoice_mailer.metrics import MetricsObserver
 from invoice_mailer.observe import LoggingObserver, Observer, Observers
 from invoice_mailer.pipeline import Checkpoint, Pipeline, RetryLater, wait_for_ledger
-from invoice_mailer.publisher import EventPublisher
 from settings import Settings
+from tasks._metrics import MetricsObserver
 
 __all__ = ["Runtime"]
 

@@ -11,15 +11,12 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from kombu.transport.native_delayed_delivery import CELERY_DELAYED_DELIVERY_EXCHANGE, level_name
+
+from broker import DelayedDeliveryMissing, check_delayed_delivery
 
 __all__ = ["DelayedDeliveryCheck", "DelayedDeliveryMissing"]
 
 log = logging.getLogger("invoice_mailer.startup")
-
-
-class DelayedDeliveryMissing(RuntimeError):
-    """Native delayed delivery is not in place on the broker."""
 
 
 class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -29,17 +26,7 @@ class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
         if c.connection.transport.driver_type != "amqp":
             log.warning("broker is not RabbitMQ: retries wait in worker memory (demo only)")
             return
-        with c.connection.channel() as channel:
-            try:
-                for level in (0, 27):
-                    channel.exchange_declare(level_name(level), "topic", passive=True)
-                    channel.queue_declare(level_name(level), passive=True)
-                channel.exchange_declare(CELERY_DELAYED_DELIVERY_EXCHANGE, "topic", passive=True)
-            except c.connection.channel_errors as exc:
-                raise DelayedDeliveryMissing(
-                    f"native delayed delivery is not set up on the broker ({exc}); "
-                    "refusing to hold retries in memory"
-                ) from exc
+        check_delayed_delivery(c.connection)
         log.info("native delayed delivery in place: retries wait in RabbitMQ")
 
 
@@ -55,8 +42,8 @@ class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
         self._server: Any = None
 
     def start(self, worker: Any) -> None:
-        from invoice_mailer.metrics import QueueDepthCollector, registry_for_export, serve_metrics
         from tasks._app import TASK_QUEUE
+        from tasks._metrics import QueueDepthCollector, registry_for_export, serve_metrics
 
         app = worker.app
         port = app.settings.metrics_port

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from invoice_mailer.billing import ResendResult
+from invoice_mailer.errors import LedgerError
 
 __all__ = [
     "AlreadyDone",
@@ -36,10 +37,6 @@ EventKey = tuple[str, str]
 """``(source, id)`` of an incoming event."""
 
 OPEN, PUBLISHED, FAILED = "open", "published", "failed"
-
-
-class LedgerError(Exception):
-    """The ledger's database could not be used."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from broker import Topology
 from invoice_mailer.ledger import open_ledger
-from invoice_mailer.topology import Topology
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
 from tests.support.broker import Bus, new_invoice, wait_until

@@ -17,8 +17,8 @@ import amqp
 import pytest
 from kombu import Connection, Consumer, Exchange, Queue, binding
 
+from broker import raw_body
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, EMAIL_FAILED, EMAIL_QUEUED, REISSUED
-from invoice_mailer.messages import raw_body
 from tests.support.services import require
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from invoice_mailer.deadletters import describe
-from invoice_mailer.publisher import DeadLetter
+from broker import describe
+from invoice_mailer.publishing import DeadLetter
 
 EVENT = json.dumps(
     {

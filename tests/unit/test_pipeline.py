@@ -5,36 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import respx
 
 from invoice_mailer.billing import AbillifyClient, HttpConfig, build_http_client
-from invoice_mailer.errors import PublishError
+from invoice_mailer.errors import PublishFailure
 from invoice_mailer.events import Reissued
 from invoice_mailer.ledger import Ledger, open_ledger
 from invoice_mailer.pipeline import Checkpoint, Done, GaveUp, Job, Pipeline, RetryLater
 from invoice_mailer.policy import RetryPolicy
+from invoice_mailer.publishing import InMemoryPublisher
 
 URL = "https://abillify.test/api/invoices/RE-1/resendInvoice"
 HOUR = 3600.0
 OK = {"job": "9", "result": "OK", "resultcode": "0"}
-
-
-class _Publisher:
-    """Records what would be published (the real one is tested against RabbitMQ)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.dead_letters: list[Any] = []
-
-    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
-        self.events.append(event)
-
-    def dead_letter(self, letter: Any) -> None:
-        self.dead_letters.append(letter)
 
 
 class _Clock:
@@ -62,7 +48,7 @@ def _pipeline(
     ledger: Ledger,
     http: httpx.Client,
     clock: _Clock,
-    pub: _Publisher,
+    pub: InMemoryPublisher,
     checkpoint: Checkpoint | None = None,
 ) -> Pipeline:
     provider = AbillifyClient(
@@ -97,7 +83,7 @@ def test_an_unanswered_resend_is_retried_with_the_same_key_within_the_window(
             httpx.Response(200, json=OK),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -126,7 +112,7 @@ def test_past_the_idempotency_window_an_unanswered_resend_is_not_sent_blind(
             ),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -153,7 +139,7 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
             httpx.Response(200, json={"job": "3", "result": "OK", "resultcode": "0"}),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -164,18 +150,6 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
     assert len(route.calls) == 2
 
 
-class _FailingOnce(_Publisher):
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed = False
-
-    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
-        if not self.failed:
-            self.failed = True
-            raise PublishError("broker said no")
-        super().publish_event(event, routing_key)
-
-
 @respx.mock
 def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     ledger: Ledger, http: httpx.Client
@@ -183,9 +157,11 @@ def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     """The resend is recorded when its answer arrives, so the retry publishes without
     sending again (or asking whether it was sent)."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
-    clock, pub = _Clock(1_800_000_000.0), _FailingOnce()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    pub.refuse_events = PublishFailure.UNREACHABLE
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
+    pub.refuse_events = None
     assert isinstance(first, RetryLater)
     assert first.step == "publish"
     clock.now += 5
@@ -203,7 +179,7 @@ def test_a_crash_after_the_resend_answered_sends_nothing_again(
     """The resend's answer is written before anything else: a worker that dies right
     after it leaves it recorded, and the run that takes over only publishes."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
-    clock, pub = _Clock(1_800_000_000.0), _Publisher()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
 
     def die_after_the_resend(point: str, job: Job) -> None:
         if point == "resent":
@@ -217,14 +193,7 @@ def test_a_crash_after_the_resend_answered_sends_nothing_again(
     assert isinstance(outcome, Done)
     assert len(route.calls) == 1
     assert outcome.event["data"]["jobId"] == "9"
-    assert [e["type"] for e in pub.events] == ["invoice.email_queued"]
-
-
-class _Unroutable(_Publisher):
-    """Every publish of an event is refused (nothing bound); dead letters go through."""
-
-    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
-        raise PublishError("unroutable")
+    assert [e["type"] for _, e in pub.events] == ["invoice.email_queued"]
 
 
 @respx.mock
@@ -238,7 +207,8 @@ def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wai
             400, json={"code": 400, "type": "ERR_INVALID_VALUE", "message": "bad", "details": []}
         )
     )
-    clock, pub = _Clock(1_800_000_000.0), _Unroutable()
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    pub.refuse_events = PublishFailure.UNROUTABLE  # nothing bound downstream
     pipeline = _pipeline(ledger, http, clock, pub)
     outcome = pipeline.run(JOB)
     for _ in range(5):
@@ -247,10 +217,9 @@ def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wai
         clock.now += outcome.delay_seconds
         outcome = pipeline.run(outcome.job)
     assert isinstance(outcome, RetryLater)
-    pipeline = _pipeline(ledger, http, clock, working := _Publisher())
+    pub.refuse_events = None  # a queue is bound
     final = pipeline.run(outcome.job)
     assert isinstance(final, GaveUp)
     assert len(route.calls) == 1
     assert [d.code for d in pub.dead_letters] == ["ERR_INVALID_VALUE"]
-    assert working.dead_letters == []
-    assert [e["type"] for e in working.events] == ["invoice.email_failed"]
+    assert [e["type"] for _, e in pub.events] == ["invoice.email_failed"]

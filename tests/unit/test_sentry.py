@@ -23,6 +23,7 @@ from invoice_mailer.events import Reissued
 from invoice_mailer.ledger import open_ledger
 from invoice_mailer.observe import LoggingObserver, Observers
 from invoice_mailer.pipeline import Done, GaveUp, Job, Pipeline, RetryLater
+from invoice_mailer.publishing import InMemoryPublisher
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
 from settings import load
 from tasks._sentry import SentryObserver, init_sentry
@@ -50,14 +51,6 @@ class CapturingTransport(Transport):
         return "".join(e.serialize().decode("utf-8", "replace") for e in self.envelopes)
 
 
-class _Publisher:
-    def publish_event(self, event: dict[str, Any], routing_key: str) -> None:
-        pass
-
-    def dead_letter(self, letter: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[CapturingTransport]:
     monkeypatch.setenv("HOSTUP_API_KEY", API_KEY)
@@ -79,7 +72,7 @@ def run(tmp_path: Path) -> Iterator[Any]:
             provider=build_provider(
                 "hostup", http=http, base_url=sandbox.hostup_url, api_key=API_KEY
             ),
-            publisher=_Publisher(),  # type: ignore[arg-type]
+            publisher=InMemoryPublisher(),
             ledger=ledger,
             policy=load(hostup_api_key=API_KEY).retry_policy(),
             lease_seconds=30,

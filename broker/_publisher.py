@@ -11,60 +11,23 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import amqp.exceptions
+import kombu.exceptions
 from kombu.connection import Connection
 from kombu.entity import Exchange
 from kombu.messaging import Producer
 
-from invoice_mailer.errors import PublishError
+from broker._topology import Topology
+from invoice_mailer.errors import PublishError, PublishFailure
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, encode
-from invoice_mailer.topology import Topology
+from invoice_mailer.publishing import DeadLetter
 
-__all__ = ["REASON_HEADER", "DeadLetter", "EventPublisher"]
-
-REASON_HEADER = "x-invoice-mailer-reason"
-REASON_CODE_HEADER = "x-invoice-mailer-reason-code"
-ATTEMPTS_HEADER = "x-invoice-mailer-attempts"
-FAILED_AT_HEADER = "x-invoice-mailer-failed-at"  # Unix time, for the age of a dead letter
-# On a replayed dead letter: the event may run again although it failed before.
-REPLAY_HEADER = "x-invoice-mailer-replay"
+__all__ = ["EventPublisher"]
 
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
-
-
-class DeadLetter:
-    """An event the service gave up on: its original body and why."""
-
-    __slots__ = ("attempts", "body", "code", "content_encoding", "content_type", "detail")
-
-    def __init__(
-        self,
-        *,
-        body: bytes,
-        content_type: str | None,
-        code: str,
-        detail: str,
-        attempts: int,
-        content_encoding: str | None = "utf-8",
-    ) -> None:
-        self.body = body
-        self.content_type = content_type
-        self.content_encoding = content_encoding
-        self.code = code
-        self.detail = detail
-        self.attempts = attempts
-
-    def headers(self) -> dict[str, Any]:
-        return {
-            REASON_HEADER: f"{self.code}: {self.detail}",
-            REASON_CODE_HEADER: self.code,
-            ATTEMPTS_HEADER: self.attempts,
-            FAILED_AT_HEADER: round(time.time(), 3),
-        }
 
 
 class _ReturnTrackingProducer(Producer):
@@ -170,7 +133,7 @@ class EventPublisher:
     def _producer(self) -> Iterator[_ReturnTrackingProducer]:
         """An idle producer, a new one while fewer than ``pool_size`` exist, or a wait."""
         if self._closed:
-            raise PublishError("the publisher is closed")
+            raise PublishError(PublishFailure.CLOSED, "the publisher is closed")
         try:
             producer = self._idle.get_nowait()
         except queue.Empty:
@@ -183,7 +146,7 @@ class EventPublisher:
     def _new_producer(self) -> _ReturnTrackingProducer | None:
         with self._lock:
             if self._closed:
-                raise PublishError("the publisher is closed")
+                raise PublishError(PublishFailure.CLOSED, "the publisher is closed")
             if len(self._producers) >= self._pool_size:
                 return None
             producer = _ReturnTrackingProducer(self._connection.clone())
@@ -204,7 +167,7 @@ class EventPublisher:
         conn_errors: tuple[type[BaseException], ...] = (
             *self._connection.connection_errors,
             *self._connection.channel_errors,
-            amqp.exceptions.MessageNacked,
+            kombu.exceptions.OperationalError,  # kombu's own: the first connect failed
             OSError,
             queue.Empty,  # every producer busy for 30 s
         )
@@ -225,7 +188,11 @@ class EventPublisher:
                     retry_policy=_RETRY_POLICY,
                 )
                 returned = list(producer.returned)
+        except amqp.exceptions.MessageNacked as exc:
+            raise PublishError(PublishFailure.NACKED, f"broker nacked {routing_key!r}") from exc
         except conn_errors as exc:
-            raise PublishError(f"broker did not confirm {routing_key!r}: {exc!r}") from exc
+            raise PublishError(
+                PublishFailure.UNREACHABLE, f"broker did not confirm {routing_key!r}: {exc!r}"
+            ) from exc
         if returned:
-            raise PublishError(f"unroutable: {returned[0]}")
+            raise PublishError(PublishFailure.UNROUTABLE, returned[0])

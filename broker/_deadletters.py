@@ -28,19 +28,19 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.message import Message
 
+from broker._messages import raw_body
+from broker._publisher import EventPublisher
+from broker._topology import Topology
 from invoice_mailer.events import REISSUED, glimpse
-from invoice_mailer.messages import raw_body
-from invoice_mailer.publisher import (
+from invoice_mailer.publishing import (
     ATTEMPTS_HEADER,
     FAILED_AT_HEADER,
     REASON_CODE_HEADER,
     REASON_HEADER,
     REPLAY_HEADER,
-    EventPublisher,
 )
-from invoice_mailer.topology import Topology
 
-__all__ = ["DeadLetterEntry", "DeadLetterQueue", "describe"]
+__all__ = ["DeadLetterEntry", "DeadLetterQueue", "describe", "describe_message"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Prometheus metrics: counters fed by ``StepRecord``s, queue depths read at scrape time.
+"""Prometheus metrics, the worker's adapter to prometheus_client.
+
+Counters fed by ``StepRecord``s, queue depths read at scrape time.
 
 With several worker processes on one host, set ``PROMETHEUS_MULTIPROC_DIR`` (an
 empty directory shared by them) and every process's counters are added up by
@@ -13,7 +15,6 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kombu.connection import Connection
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,10 +27,16 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from broker import Topology, queue_depths
 from invoice_mailer.observe import StepRecord
-from invoice_mailer.topology import Topology
 
-__all__ = ["MetricsObserver", "QueueDepthCollector", "serve_metrics"]
+__all__ = [
+    "IN_FLIGHT",
+    "MetricsObserver",
+    "QueueDepthCollector",
+    "registry_for_export",
+    "serve_metrics",
+]
 
 _P = "invoice_mailer"
 EVENTS_RECEIVED = Counter(
@@ -122,27 +129,6 @@ class QueueDepthCollector(Collector):
                 depth.add_metric([queue, state], value)
         yield depth
         yield up
-
-
-def queue_depths(url: str, queues: dict[str, str]) -> dict[tuple[str, str], int]:
-    """``{(queue, "ready"): n, ..., ("delayed", "parked"): n}`` over one short connection."""
-    counts: dict[tuple[str, str], int] = {}
-    with Connection(url, connect_timeout=3) as conn:
-        for label, name in queues.items():
-            counts[(label, "ready")] = _passive_count(conn, name)
-        counts[("delayed", "parked")] = sum(
-            _passive_count(conn, f"celery_delayed_{level}") for level in range(28)
-        )
-    return counts
-
-
-def _passive_count(conn: Connection, name: str) -> int:
-    # A failed passive declare closes its channel: one channel per question.
-    with conn.channel() as channel:
-        try:
-            return int(channel.queue_declare(name, passive=True).message_count)
-        except conn.channel_errors:
-            return 0
 
 
 def registry_for_export(extra: list[Collector]) -> CollectorRegistry:

@@ -27,7 +27,13 @@ from invoice_mailer.publishing import DeadLetter
 
 __all__ = ["EventPublisher"]
 
+# Every wait of a publish is bounded, so that a publish ends (published or PublishError)
+# and its caller's retry waits in the broker, not in a thread: at most a producer's
+# wait, then 1 + max_retries tries of a connect and a confirmed write, with sleeps.
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+CONNECT_TIMEOUT_SECONDS = 3
+CONFIRM_TIMEOUT_SECONDS = 5  # the socket write and the broker's confirm of one publish
+PRODUCER_WAIT_SECONDS = 5  # every producer of the pool busy
 
 
 class _ReturnTrackingProducer(Producer):
@@ -68,7 +74,7 @@ class EventPublisher:
             url,
             transport_options={"confirm_publish": True},
             heartbeat=60,
-            connect_timeout=10,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
         return cls(connection, topology, pool_size=pool_size)
 
@@ -137,11 +143,22 @@ class EventPublisher:
         try:
             producer = self._idle.get_nowait()
         except queue.Empty:
-            producer = self._new_producer() or self._idle.get(timeout=30)
+            producer = self._new_producer() or self._idle.get(timeout=PRODUCER_WAIT_SECONDS)
         try:
             yield producer
-        finally:
-            self._idle.put(producer)
+        except BaseException:
+            # Its channel may still owe a confirm (a timed-out wait): a later publish on
+            # it could take that confirm for its own. A fresh producer replaces it.
+            self._discard(producer)
+            raise
+        self._idle.put(producer)
+
+    def _discard(self, producer: _ReturnTrackingProducer) -> None:
+        with self._lock:
+            if producer in self._producers:
+                self._producers.remove(producer)
+        with contextlib.suppress(Exception):
+            producer.connection.collect()
 
     def _new_producer(self) -> _ReturnTrackingProducer | None:
         with self._lock:
@@ -169,7 +186,7 @@ class EventPublisher:
             *self._connection.channel_errors,
             kombu.exceptions.OperationalError,  # kombu's own: the first connect failed
             OSError,
-            queue.Empty,  # every producer busy for 30 s
+            queue.Empty,  # every producer busy for PRODUCER_WAIT_SECONDS
         )
         try:
             with self._producer() as producer:
@@ -186,6 +203,7 @@ class EventPublisher:
                     headers=headers,
                     retry=True,
                     retry_policy=_RETRY_POLICY,
+                    timeout=CONFIRM_TIMEOUT_SECONDS,
                 )
                 returned = list(producer.returned)
         except amqp.exceptions.MessageNacked as exc:

@@ -94,10 +94,10 @@ def create_app(
         accept_content=["json"],
         # Flower shows tasks only when workers send events (first attempts included:
         # they are task executions too). They are best effort: this consumer
-        # publishes them without confirms (tasks/_consumer.py).
+        # publishes them without confirms (tasks/_workarounds.py).
         worker_send_task_events=True,
         task_send_sent_event=True,
-        worker_consumer="tasks._consumer:Consumer",
+        worker_consumer="tasks._workarounds:Consumer",
         # SIGQUIT (or REMAP_SIGTERM=SIGQUIT) first waits this long for running tasks,
         # under the 30 s most platforms allow between SIGTERM and SIGKILL. A plain
         # SIGTERM (warm shutdown) waits for them anyway; a task is bounded by its

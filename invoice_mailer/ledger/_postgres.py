@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -9,7 +11,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from invoice_mailer.ledger._base import LedgerError
-from invoice_mailer.ledger._sql import MIGRATIONS, SCHEMA_TABLE, SqlLedger, pyformat
+from invoice_mailer.ledger._sql import Run, SqlLedger
+from invoice_mailer.ledger._statements import for_psycopg
 
 __all__ = ["PostgresLedger"]
 
@@ -45,23 +48,24 @@ class PostgresLedger(SqlLedger):
     def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(pyformat(sql), params)
+                cursor.execute(for_psycopg(sql), params)
                 return list(cursor.fetchall()) if cursor.description else []
         except psycopg.Error as exc:  # PoolTimeout included
             raise LedgerError(f"PostgreSQL ledger: {exc}") from exc
 
-    def _migrate(self) -> None:
+    @contextlib.contextmanager
+    def _migration(self) -> Iterator[Run]:
+        # One transaction holding an advisory lock: one migrator at a time, across hosts.
         try:
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (version INTEGER)")
-                row = conn.execute(f"SELECT MAX(version) FROM {SCHEMA_TABLE}").fetchone()
-                current = int(row[0] or 0) if row else 0
-                for version, statements in MIGRATIONS:
-                    if version > current:
-                        for statement in statements:
-                            conn.execute(statement)
-                        conn.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (%s)", (version,))
+                cursor = conn.cursor(row_factory=dict_row)
+
+                def run(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+                    cursor.execute(for_psycopg(sql), params)
+                    return list(cursor.fetchall()) if cursor.description else []
+
+                yield run
         except psycopg.Error as exc:
             raise LedgerError(f"cannot migrate the PostgreSQL ledger: {exc}") from exc
 

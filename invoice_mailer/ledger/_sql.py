@@ -7,10 +7,10 @@ followed by a write.
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from invoice_mailer.billing import ResendResult
@@ -84,15 +84,39 @@ _RENEW = """lease_expires_at = CASE WHEN lease_owner = :owner
         THEN :expires ELSE lease_expires_at END"""
 
 
+Run = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+"""Runs one statement (``:name`` parameters) and returns its rows."""
+
+
 class SqlLedger(ABC):
-    """Ledger operations as SQL with ``:name`` parameters."""
+    """The ledger, as SQL with ``:name`` parameters: the one implementation of ``Ledger``.
+
+    A backend only runs statements: ``_execute`` (each in its own transaction) and
+    ``_migration`` (a transaction that holds the database's migration lock).
+    """
 
     @abstractmethod
     def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run one statement in its own transaction; rows it returned, if any."""
 
     @abstractmethod
+    def _migration(self) -> AbstractContextManager[Run]:
+        """One transaction, serialised against every other process's migration."""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+    def _migrate(self) -> None:
+        """Bring the schema up to the last of MIGRATIONS; the one migration runner."""
+        with self._migration() as run:
+            run(f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (version INTEGER)", {})
+            rows = run(f"SELECT MAX(version) AS version FROM {SCHEMA_TABLE}", {})
+            current = int(rows[0]["version"] or 0) if rows else 0
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for statement in statements:
+                        run(statement, {})
+                    run(f"INSERT INTO {SCHEMA_TABLE} VALUES (:version)", {"version": version})
 
     def claim(
         self,
@@ -339,30 +363,3 @@ def _one(rows: list[dict[str, Any]], key: EventKey) -> Record:
 
 def _key(key: EventKey) -> dict[str, Any]:
     return {"source": key[0], "event_id": key[1]}
-
-
-_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
-
-
-# Both conversions are cached: every statement is a constant string, converted once
-# per process instead of on every execution.
-
-
-@functools.lru_cache(maxsize=64)
-def pyformat(sql: str) -> str:
-    """``:name`` placeholders as psycopg's ``%(name)s``."""
-    return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
-
-
-@functools.lru_cache(maxsize=64)
-def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
-    """``:name`` placeholders as SQLite's ``?N``, and the names in N's order.
-
-    A name used twice gets the same number, so it is bound once.
-    """
-    numbers: dict[str, int] = {}  # in insertion order: N's order
-
-    def number(match: re.Match[str]) -> str:
-        return f"?{numbers.setdefault(match[1], len(numbers) + 1)}"
-
-    return _NAMED.sub(number, sql), tuple(numbers)

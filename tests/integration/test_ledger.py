@@ -18,8 +18,8 @@ from invoice_mailer.ledger import (
     LedgerError,
     open_ledger,
 )
-from invoice_mailer.ledger._sql import numbered
 from invoice_mailer.ledger._sqlite import SqliteLedger
+from invoice_mailer.ledger._statements import for_psycopg, for_sqlite
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
@@ -342,11 +342,18 @@ def test_sqlite_an_error_answers_its_caller_and_the_writer_goes_on(tmp_path: Pat
         _claim(ledger, "b")
 
 
-def test_sqlite_gets_numbered_parameters_bound_once_per_name(tmp_path: Path) -> None:
-    """``:name`` becomes ``?N``; a name used twice is one parameter; casts and quotes stay."""
-    sql, names = numbered("SELECT :a, :b, :a, x::text, 'y:z' FROM t WHERE c = :b_2")
-    assert sql == "SELECT ?1, ?2, ?1, x::text, 'y:z' FROM t WHERE c = ?3"
-    assert names == ("a", "b", "b_2")
+def test_statements_compile_for_each_driver_leaving_casts_quotes_and_percent_alone(
+    tmp_path: Path,
+) -> None:
+    """``:name`` becomes ``?`` (names in order) for SQLite and ``%(name)s`` for psycopg;
+    casts, quoted colons and a literal ``%`` (doubled for psycopg) stay what they were."""
+    source = "SELECT :a, :b, :a, x::text, 'y:z', '5%' FROM t WHERE c = :b_2"
+    sql, names = for_sqlite(source)
+    assert sql == "SELECT ?, ?, ?, x::text, 'y:z', '5%' FROM t WHERE c = ?"
+    assert names == ("a", "b", "a", "b_2")
+    assert for_psycopg(source) == (
+        "SELECT %(a)s, %(b)s, %(a)s, x::text, 'y:z', '5%%' FROM t WHERE c = %(b_2)s"
+    )
     ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
     try:
         rows = ledger._execute("SELECT :b AS b, :a AS a, :b || :a AS ba", {"a": "1", "b": "2"})

@@ -8,9 +8,15 @@ from __future__ import annotations
 import inspect
 import sys
 
+import httpcore
+import httpx
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery import Celery
 from celery.exceptions import Retry
+from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
+from kombu import Connection, Producer
+from kombu.pools import ProducerPool, connections
 
 from tasks._workarounds import ReadableRetry
 
@@ -39,3 +45,89 @@ def test_a_readable_retry_shows_its_cause() -> None:
     readable = ReadableRetry.of(Retry("m", ValueError("cause"), 5))
     assert repr(_einfo_of(readable).exception.exc) == "ValueError('cause')"
     assert (readable.exc.args, readable.when) == (("cause",), 5)
+
+
+def test_celery_opens_the_task_event_connection_with_the_brokers_transport_options() -> None:
+    """The events connection inherits ``confirm_publish`` unless told otherwise: what
+    ``tasks._workarounds.Consumer.connection_for_write`` turns off for task events."""
+    app = Celery(
+        broker="memory://",
+        broker_transport_options={"confirm_publish": True},
+        set_as_current=False,
+    )
+    try:
+        assert "self.app.connection_for_write(url=url, heartbeat=heartbeat)" in (
+            inspect.getsource(CeleryConsumer.connection_for_write)
+        )
+        with app.connection_for_write() as conn:
+            assert conn.transport_options.get("confirm_publish") is True
+        with app.connection_for_write(transport_options={"confirm_publish": False}) as conn:
+            assert conn.transport_options.get("confirm_publish") is False
+    finally:
+        app.close()
+
+
+def test_kombus_producer_pool_binds_a_producer_anew_on_every_acquire() -> None:
+    """kombu's ProducerPool gives the connection back on release and revives the producer
+    on the next acquire, a fifth of a publish's CPU once measured: why
+    ``broker.EventPublisher`` keeps producers bound to their connections instead."""
+    revived: list[object] = []
+
+    class Counting(Producer):  # type: ignore[misc]
+        def revive(self, channel: object) -> None:
+            revived.append(channel)
+            super().revive(channel)
+
+    with Connection("memory://") as conn:
+        pool = ProducerPool(connections[conn], limit=1)
+        pool.Producer = Counting
+        for _ in range(3):
+            producer = pool.acquire(block=True)
+            producer.release()
+        pool.force_close_all()
+    assert len(revived) >= 3
+
+
+def test_httpx_parses_every_answer_for_cookies() -> None:
+    """A plain httpx.Client hands each response to its cookie jar, Set-Cookie or not (8%
+    of an HTTP call's CPU once measured): why the client is built without one
+    (``invoice_mailer.billing._http``)."""
+    seen: list[httpx.Response] = []
+
+    class Counting(httpx.Cookies):
+        def extract_cookies(self, response: httpx.Response) -> None:
+            seen.append(response)
+
+    client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(204)))
+    client._cookies = Counting()
+    with client:
+        client.get("https://api.test/a")
+        client.get("https://api.test/b")
+    assert len(seen) == 2
+
+
+def test_httpcores_pool_rescans_its_connections_for_each_connection() -> None:
+    """httpcore's pool counts its idle connections inside its loop over them, n x n calls
+    for n connections, under one lock, twice per request (encode/httpcore#1035): why the
+    client's connections are split into small pools (``ShardedTransport``)."""
+    calls = 0
+
+    class Idle:
+        def is_closed(self) -> bool:
+            return False
+
+        def has_expired(self) -> bool:
+            return False
+
+        def is_idle(self) -> bool:
+            nonlocal calls
+            calls += 1
+            return True
+
+        def is_available(self) -> bool:
+            return True
+
+    pool = httpcore.ConnectionPool(max_connections=50, max_keepalive_connections=50)
+    pool._connections = [Idle() for _ in range(20)]  # type: ignore[list-item]
+    pool._assign_requests_to_connections()
+    assert calls >= 20 * 20

@@ -23,7 +23,9 @@ __all__ = ["Problem", "error_for", "parse_problem", "requested_wait"]
 
 # An X-RateLimit-Reset above this is a Unix time, below it a number of seconds.
 _EPOCH_THRESHOLD = 1_000_000_000
-_MAX_DETAIL = 300
+# Kept whole up to this: the length is bounded after secrets are masked
+# (``untrusted.Redactor.text``), so that a cut never leaves half a secret behind.
+_MAX_DETAIL = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 __all__ = ["DEFAULT_API_KEY", "Fault", "RecordedRequest", "Sandbox"]
 
@@ -66,6 +66,9 @@ class Fault:
     """Close the connection after reading the request, sending nothing."""
     then_succeed: bool = False
     """Queue the email at once, then delay, drop or answer with ``status``."""
+    echo_headers: bool = False
+    """Echo the request's headers (``Authorization`` included) in the error's detail or
+    message, as JSON and URL-encoded, as a careless API or proxy does."""
 
 
 @dataclass(frozen=True)
@@ -399,12 +402,16 @@ class Sandbox:
         if fault.body is not None:
             _raw(handler, status, fault.body.encode(), fault.content_type or "text/html", headers)
             return
+        title = _TITLES.get(status, "Error")
+        if fault.echo_headers:
+            echoed = dict(handler.headers.items())
+            title = f"{title}; request headers {json.dumps(echoed)}; as sent: {urlencode(echoed)}"
         if handler.path.startswith(ABILLIFY_PREFIX):
             _abillify_error(
                 handler,
                 status,
                 fault.code or _ABILLIFY_TYPES.get(status, "ERR_INTERNAL"),
-                _TITLES.get(status, "Error"),
+                title,
                 headers,
             )
             return
@@ -412,7 +419,7 @@ class Sandbox:
             _send_rate_limited_resend(handler, invoice or "", fault.retry_after_seconds, headers)
             return
         code = fault.code or _CODES.get(status, "internal_error")
-        _problem(handler, status, code, _TITLES.get(status, "Error"), headers=headers)
+        _problem(handler, status, code, title, headers=headers)
 
     def _control(self, handler: _Handler, method: str, path: str, body: bytes) -> None:
         if method == "GET" and path == "/_sandbox/requests":

@@ -20,6 +20,7 @@ from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
 from invoice_mailer.errors import Rejected
 from invoice_mailer.problem import Problem, parse_problem
+from invoice_mailer.untrusted import Redactor
 
 __all__ = ["AbillifyClient", "parse_abillify_error"]
 
@@ -50,6 +51,7 @@ class AbillifyClient:
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
+        self._redactor = Redactor(basic=(username, password))
 
     def __repr__(self) -> str:
         return f"AbillifyClient(base_url={self._base_url!r})"
@@ -66,6 +68,7 @@ class AbillifyClient:
             f"{self._base_url}/invoices/{quote(invoice, safe='')}/resendInvoice",
             headers={**self._headers, "Idempotency-Key": idempotency_key},
             json_body={},
+            redactor=self._redactor,
             parse_problem_body=parse_abillify_error,
         )
         arrived = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -79,7 +82,7 @@ class AbillifyClient:
                 code=f"result_{body.resultcode}",
                 detail=f"resendInvoice answered result {body.result!r}",
             )
-        return ResendResult(queued_at=arrived, job_id=body.job)
+        return ResendResult(queued_at=arrived, job_id=self._redactor.text(body.job, limit=64))
 
     def email_info(self, invoice: str) -> dict[str, Any]:
         raise NotImplementedError("Abillify has no email-info endpoint")
@@ -101,4 +104,4 @@ def parse_abillify_error(status: int, body: bytes) -> Problem:
         extra = "; ".join(str(first[k]) for k in ("error", "hint") if first.get(k))
         if extra:
             detail = f"{detail}: {extra}"
-    return Problem(code=doc["type"], detail=detail[:300])
+    return Problem(code=doc["type"], detail=detail)

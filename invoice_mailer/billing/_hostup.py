@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
 from invoice_mailer.errors import Rejected
+from invoice_mailer.untrusted import Redactor
 
 __all__ = ["HostUpClient"]
 
@@ -41,6 +42,7 @@ class HostUpClient:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._redactor = Redactor([api_key])
 
     def __repr__(self) -> str:
         return f"HostUpClient(base_url={self._base_url!r})"
@@ -56,16 +58,26 @@ class HostUpClient:
             "POST",
             self._url(invoice, "actions/resend-email"),
             headers={**self._headers, "Idempotency-Key": idempotency_key},
+            redactor=self._redactor,
         )
         try:
             body = _ResendBody.model_validate_json(response.content)
         except ValidationError:
             return ResendResult(queued_at=_now_iso(), email=None)
-        return ResendResult(queued_at=body.queuedAt, email=body.email)
+        clean = self._redactor.text
+        return ResendResult(
+            queued_at=clean(body.queuedAt, limit=64), email=clean(body.email, emails=False)
+        )
 
     def email_info(self, invoice: str) -> dict[str, Any]:
         """Where the invoice's emails went: ``emails`` and ``currentTargets``."""
-        response = send(self._http, "GET", self._url(invoice, "email-info"), headers=self._headers)
+        response = send(
+            self._http,
+            "GET",
+            self._url(invoice, "email-info"),
+            headers=self._headers,
+            redactor=self._redactor,
+        )
         try:
             body = _EmailInfoBody.model_validate_json(response.content)
         except ValidationError:
@@ -74,7 +86,11 @@ class HostUpClient:
                 code="invalid_response",
                 detail="email-info answered 2xx without an emails array",
             ) from None
-        return {"emails": body.emails, "currentTargets": body.currentTargets}
+        # The addresses are what the contract asks for; a secret in it is not.
+        info: dict[str, Any] = self._redactor.json(
+            {"emails": body.emails, "currentTargets": body.currentTargets}
+        )
+        return info
 
     def _url(self, invoice: str, action: str) -> str:
         return f"{self._base_url}/billing/invoices/{quote(invoice, safe='')}/{action}"

@@ -6,7 +6,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ import httpx
 
 from invoice_mailer.errors import TransientError
 from invoice_mailer.problem import Problem, error_for, parse_problem, requested_wait
+from invoice_mailer.untrusted import Redactor
 
 __all__ = ["HttpConfig", "ShardedTransport", "build_http_client", "send"]
 
@@ -110,6 +111,7 @@ def send(
     url: str,
     *,
     headers: Mapping[str, str],
+    redactor: Redactor,
     json_body: Any = None,
     parse_problem_body: ProblemParser = parse_problem,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -117,7 +119,9 @@ def send(
     """Send one request; return a 2xx response or raise a BillingError.
 
     The error never carries the request, so a credential in its headers cannot
-    leak through it.
+    leak through it; and what the API says is untrusted: ``redactor`` masks the
+    credentials in the body before it is parsed (an API may echo the request), and
+    cleans the problem's code and detail after (``invoice_mailer.untrusted``).
     """
     try:
         response = http.request(method, url, headers=headers, json=json_body)
@@ -137,7 +141,13 @@ def send(
         ) from None
     if response.is_success:
         return response
-    problem = parse_problem_body(response.status_code, response.content)
+    body = redactor.secrets(response.content.decode("utf-8", "replace")).encode()
+    problem = parse_problem_body(response.status_code, body)
+    problem = replace(
+        problem,
+        code=redactor.text(problem.code, limit=100),
+        detail=redactor.text(problem.detail),
+    )
     wait = requested_wait(response.headers, problem, now())
     raise error_for(response.status_code, problem, wait)
 

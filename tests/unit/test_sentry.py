@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sentry_sdk
@@ -151,6 +152,7 @@ def test_no_payload_carries_keys_authorization_or_addresses(
             )
         ],
     )
+    run("inv_echo2", [Fault(status=401, echo_headers=True)])  # the Bearer key echoed back
     logging.getLogger("invoice_mailer.test").error(
         "calling with Authorization: Bearer %s for jane.doe@customer.example", API_KEY
     )
@@ -163,6 +165,7 @@ def test_no_payload_carries_keys_authorization_or_addresses(
     raw = transport.raw()
     for secret in (
         API_KEY,
+        quote(API_KEY, safe=""),
         DEFAULT_API_KEY,
         "owner@customer.example",
         "jane.doe@customer.example",

@@ -27,7 +27,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlencode
 
-__all__ = ["DEFAULT_API_KEY", "Fault", "RecordedRequest", "Sandbox"]
+__all__ = [
+    "DEFAULT_ABILLIFY_PASSWORD",
+    "DEFAULT_ABILLIFY_USER",
+    "DEFAULT_API_KEY",
+    "Fault",
+    "RecordedRequest",
+    "Sandbox",
+]
 
 DEFAULT_API_KEY = "sandbox-api-key"
 DEFAULT_ABILLIFY_USER = "sandbox"

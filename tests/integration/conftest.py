@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sandbox import Sandbox
+from sandbox import DEFAULT_ABILLIFY_PASSWORD, DEFAULT_ABILLIFY_USER, Sandbox
 from tests.support.broker import Bus, VhostPool, require_rabbitmq
 from tests.support.postgres import fresh_database, require_postgres
 from tests.support.worker import WorkerProcess, worker_env
@@ -72,6 +72,17 @@ def env(broker_url: str, sandbox: Sandbox, ledger_url: str) -> MakeEnv:
         return worker_env(broker_url, sandbox.url, ledger_url, **overrides)
 
     return make
+
+
+@pytest.fixture
+def abillify(sandbox: Sandbox) -> dict[str, str]:
+    """Worker settings for the Abillify provider against the sandbox."""
+    return {
+        "BILLING_PROVIDER": "abillify",
+        "ABILLIFY_API_BASE_URL": sandbox.abillify_url,
+        "ABILLIFY_USERNAME": DEFAULT_ABILLIFY_USER,
+        "ABILLIFY_PASSWORD": DEFAULT_ABILLIFY_PASSWORD,
+    }
 
 
 @pytest.fixture

@@ -14,14 +14,8 @@ from tests.support.broker import Bus
 
 
 @pytest.fixture
-def abillify(sandbox: Sandbox) -> dict[str, Any]:
-    return {
-        "BILLING_PROVIDER": "abillify",
-        "ABILLIFY_API_BASE_URL": sandbox.abillify_url,
-        "ABILLIFY_USERNAME": "sandbox",
-        "ABILLIFY_PASSWORD": "sandbox-password",
-        "RETRY_SERVER_ERROR_BASE_SECONDS": "1",
-    }
+def abillify(abillify: dict[str, str]) -> dict[str, Any]:
+    return {**abillify, "RETRY_SERVER_ERROR_BASE_SECONDS": "1"}
 
 
 def _reference() -> str:

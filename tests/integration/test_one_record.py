@@ -8,8 +8,6 @@ Celery tools see of a first attempt: ``inspect active``, ``revoke``, task events
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections import Counter
 from typing import Any
 
@@ -21,7 +19,7 @@ from invoice_mailer.ledger import open_ledger
 from sandbox import Fault, Sandbox
 from tasks.pipeline import TASK_NAME, task_id_for
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.broker import Bus, new_invoice, restart_rabbitmq, wait_until
 from tests.support.gate import TcpGate
 from tests.support.postgres import PG_PORT
 from tests.support.tasks import TaskWatcher
@@ -31,7 +29,6 @@ QUICK = {
     "RETRY_SERVER_ERROR_BASE_SECONDS": "1",
     "RETRY_SERVER_ERROR_MAX_SECONDS": "4",
 }
-# How long the broker stays down: the length of the outage, not a synchronisation.
 BROKER_DOWN_SECONDS = 12  # longer than a run's lease (2 x 2 s + 5 s)
 
 
@@ -64,10 +61,7 @@ def test_a_broker_restart_mid_burst_with_slow_answers_sends_no_second_post(
     before = bus.all_received()
     bus.close()
 
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
-    time.sleep(BROKER_DOWN_SECONDS)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+    restart_rabbitmq(down_seconds=BROKER_DOWN_SECONDS)
 
     wait_until(
         lambda: _counts(ledger_url).get("published", 0) >= len(invoices),

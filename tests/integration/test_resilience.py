@@ -24,7 +24,7 @@ from broker import Topology
 from invoice_mailer.ledger import open_ledger
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
-from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.broker import Bus, new_invoice, restart_rabbitmq, wait_until
 from tests.support.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,9 +123,7 @@ def test_a_broker_restart_mid_burst_loses_and_doubles_nothing(
     before = bus.all_received()
     bus.close()
 
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+    restart_rabbitmq()
 
     _wait_published(ledger_url, len(invoices), timeout=240)
     worker.stop()

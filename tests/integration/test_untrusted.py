@@ -9,9 +9,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
-import pytest
-
-from sandbox import DEFAULT_API_KEY, Fault, Sandbox
+from sandbox import (
+    DEFAULT_ABILLIFY_PASSWORD,
+    DEFAULT_ABILLIFY_USER,
+    DEFAULT_API_KEY,
+    Fault,
+    Sandbox,
+)
 from tests.integration.conftest import StartWorker
 from tests.support.broker import Bus, new_invoice
 
@@ -21,8 +25,7 @@ QUICK = {
     "RETRY_SERVER_ERROR_MAX_SECONDS": "1",
     "RETRY_SERVER_ERROR_MAX_ATTEMPTS": "2",
 }
-ABILLIFY_PASSWORD = "sandbox-password"
-BASIC = base64.b64encode(f"sandbox:{ABILLIFY_PASSWORD}".encode()).decode()
+BASIC = base64.b64encode(f"{DEFAULT_ABILLIFY_USER}:{DEFAULT_ABILLIFY_PASSWORD}".encode()).decode()
 
 
 def _forms(*secrets: str) -> set[str]:
@@ -67,16 +70,6 @@ def test_hostup_errors_echoing_the_bearer_key_leak_it_nowhere(
     assert leaked == []
 
 
-@pytest.fixture
-def abillify(sandbox: Sandbox) -> dict[str, str]:
-    return {
-        "BILLING_PROVIDER": "abillify",
-        "ABILLIFY_API_BASE_URL": sandbox.abillify_url,
-        "ABILLIFY_USERNAME": "sandbox",
-        "ABILLIFY_PASSWORD": ABILLIFY_PASSWORD,
-    }
-
-
 def test_abillify_errors_echoing_basic_credentials_leak_them_nowhere(
     start_worker: StartWorker,
     bus: Bus,
@@ -96,5 +89,5 @@ def test_abillify_errors_echoing_basic_credentials_leak_them_nowhere(
     assert {e["type"] for e in events} == {"invoice.email_failed"}
     assert all("[redacted]" in e["data"]["reason"]["detail"] for e in events)
     written = _everything_written(bus, events, tmp_path)
-    leaked = [form for form in _forms(ABILLIFY_PASSWORD, BASIC) if form in written]
+    leaked = [form for form in _forms(DEFAULT_ABILLIFY_PASSWORD, BASIC) if form in written]
     assert leaked == []

@@ -327,6 +327,18 @@ class Bus:
             return int(ok.message_count), int(ok.consumer_count)
 
 
+def restart_rabbitmq(*, down_seconds: float = 0) -> None:
+    """Stop the broker's application (every connection drops), keep it down for
+    ``down_seconds`` (the outage's length, not a synchronisation), start it, and
+    return once it accepts connections again."""
+    import time
+
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    time.sleep(down_seconds)
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+
+
 def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
     import time

@@ -207,8 +207,15 @@ class Pipeline:
     def _steps(self, run: _Run) -> Outcome:
         if not (run.record.takeovers >= POISON_TAKEOVERS and self._poison(run)):
             self._checkpoint("claimed", run.job)
+        # Every step that does not end the run records what moves the record on, so no
+        # step comes twice in a run; one that does means the ledger did not keep a write,
+        # and repeating it (a POST!) until something changes is the one thing not to do.
+        done: set[Step] = set()
         while True:
             step = next_step(run.record, has_email_info=self._provider.has_email_info)
+            if step in done:
+                raise RuntimeError(f"{step} again for {run.key!r}: the ledger kept no progress")
+            done.add(step)
             outcome = self._perform(step, run)
             if outcome is not None:
                 return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -223,3 +224,31 @@ def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wai
     assert len(route.calls) == 1
     assert [d.code for d in pub.dead_letters] == ["ERR_INVALID_VALUE"]
     assert [e["type"] for _, e in pub.events] == ["invoice.email_failed"]
+
+
+class _ForgetfulLedger:
+    """A ledger whose record of the resend is lost: every write answers the claim's record."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    def record_resend(self, key: Any, result: Any, **kw: Any) -> Any:
+        return self._ledger.find(key[1])[0]  # as if the write never happened
+
+
+@respx.mock
+def test_a_ledger_that_keeps_no_progress_stops_the_run_after_one_post(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """Sent, but the record still says not sent: the run stops (a bug, for the dead-letter
+    queue) rather than POST again until the record changes."""
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
+    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    pipeline = _pipeline(_ForgetfulLedger(ledger), http, clock, pub)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="kept no progress"):
+        pipeline.run(JOB)
+    assert len(route.calls) == 1
+    assert pub.events == []

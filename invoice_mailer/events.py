@@ -9,12 +9,23 @@ Every way an event can be unusable maps to one stable ``InvalidEvent.code``.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+import rfc3986
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+from rfc3986.exceptions import ValidationError as UriError
+from rfc3986.validators import Validator
 
 from invoice_mailer.errors import InvalidEvent
 
@@ -23,6 +34,7 @@ __all__ = [
     "CLOUDEVENTS_CONTENT_TYPE",
     "EMAIL_FAILED",
     "EMAIL_QUEUED",
+    "ID_SCHEME",
     "MAX_EVENT_BYTES",
     "REISSUED",
     "Glimpse",
@@ -44,8 +56,43 @@ MAX_EVENT_BYTES = 64 * 1024
 
 # Fixed forever: outgoing ids derive from it, and downstream deduplicates on them.
 _ID_NAMESPACE = uuid.UUID("5f0c6f3e-2b7a-4c1e-9d3a-6b8e1f2a4c70")
+ID_SCHEME = 2
+"""How new events' outgoing ids are named (``outgoing_event_id``); the ledger keeps each
+event's scheme, so an event recorded under an older one keeps its ids."""
 
-_Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# RFC 3986's characters of a URI-reference: unreserved, sub-delims, gen-delims, and
+# %XX escapes. rfc3986's Validator checks the parts (scheme, host, port) but lets
+# spaces, raw non-ASCII and broken escapes through, so the characters are checked here.
+_URI_CHARACTERS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#\[\]]|%[0-9A-Fa-f]{2})*")
+_URI_PARTS = Validator().check_validity_of(
+    "scheme", "userinfo", "host", "port", "path", "query", "fragment"
+)
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("contains a control character")
+    return value
+
+
+def _uri_reference(value: str) -> str:
+    if not _URI_CHARACTERS.fullmatch(value):
+        raise ValueError("is not a URI-reference (RFC 3986): a character outside its grammar")
+    try:
+        _URI_PARTS.validate(rfc3986.uri_reference(value))
+    except UriError:
+        raise ValueError("is not a URI-reference (RFC 3986)") from None
+    return value
+
+
+_Text = Annotated[
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control_characters)
+]
+# CloudEvents: "source" is a non-empty URI-reference.
+_Source = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024), AfterValidator(_uri_reference)
+]
 # HostUp's public invoice ids: "inv_" then letters and digits, nothing that could
 # change the meaning of a URL path.
 _InvoiceId = Annotated[str, StringConstraints(pattern=r"^inv_[A-Za-z0-9]{1,64}$")]
@@ -58,7 +105,7 @@ class _Envelope(BaseModel):
 
     specversion: Literal["1.0"]
     id: _Text
-    source: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    source: _Source
     type: Literal["invoice.reissued"]
     time: datetime | None = Field(default=None, strict=False)  # RFC 3339 text on the wire
     data: dict[str, Any]
@@ -163,9 +210,21 @@ def _short(value: object) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 1024 else None
 
 
-def outgoing_event_id(event_type: str, source: str, event_id: str) -> str:
-    """The id of the event we publish for an incoming ``(source, id)``: the same every time."""
-    return str(uuid.uuid5(_ID_NAMESPACE, f"{event_type}\n{source}\n{event_id}"))
+def outgoing_event_id(
+    event_type: str, source: str, event_id: str, *, scheme: int = ID_SCHEME
+) -> str:
+    """The id of the event we publish for an incoming ``(source, id)``: the same every time.
+
+    A UUIDv5 of a name that encodes the triple so that distinct triples never share it:
+    scheme 2 names it by its JSON array. Scheme 1 (0.1 and 0.2) joined the parts with
+    newlines, so ``("/a\\nx", "E")`` and ``("/a", "x\\nE")`` met; it is kept for the
+    events the ledger recorded under it, whose ids must not change.
+    """
+    if scheme == 1:
+        name = f"{event_type}\n{source}\n{event_id}"
+    else:
+        name = json.dumps([event_type, source, event_id], ensure_ascii=False, separators=(",", ":"))
+    return str(uuid.uuid5(_ID_NAMESPACE, name))
 
 
 def cloud_event(
@@ -175,11 +234,12 @@ def cloud_event(
     subject: str | None,
     data: dict[str, Any],
     now: datetime | None = None,
+    id_scheme: int = ID_SCHEME,
 ) -> dict[str, Any]:
     """A structured-mode CloudEvent; its id derives from ``cause_key`` (source, id)."""
     event: dict[str, Any] = {
         "specversion": "1.0",
-        "id": outgoing_event_id(event_type, *cause_key),
+        "id": outgoing_event_id(event_type, *cause_key, scheme=id_scheme),
         "source": OUR_SOURCE,
         "type": event_type,
         "time": (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),

@@ -12,28 +12,35 @@ before its dead letter, the dead letter before its ``invoice.email_failed``. A
 retry or a takeover therefore never repeats an effect: a resend recorded is never
 sent again, email-info is asked once, a given-up event has one dead letter. A
 resend whose effect is unknown (timed out after sending, or the worker died
-before its answer was recorded) is first looked for in email-info. Outgoing
-events carry ids derived from the incoming event, so a re-publication after a
-crash is recognisable.
+before its answer was recorded) is first looked for in email-info, in the API's
+clock (``invoice_mailer.clock``); while it is unknown, no other event of the same
+invoice begins a resend (the ledger's rule), so an email created after it began is
+its own. Outgoing events carry ids derived from the incoming event, so a
+re-publication after a crash is recognisable.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
+from invoice_mailer.clock import Offset, Placement, parse_iso, placement
 from invoice_mailer.errors import BillingError, PublishError, TransientError
-from invoice_mailer.events import EMAIL_FAILED, EMAIL_QUEUED, cloud_event, outgoing_event_id
+from invoice_mailer.events import (
+    EMAIL_FAILED,
+    EMAIL_QUEUED,
+    ID_SCHEME,
+    cloud_event,
+    outgoing_event_id,
+)
 from invoice_mailer.job import EventRef, Job
-from invoice_mailer.ledger import AlreadyDone, Busy, Ledger, LedgerError, Record
+from invoice_mailer.ledger import AlreadyDone, Busy, InvoiceBusy, Ledger, LedgerError, Record
 from invoice_mailer.observe import LoggingObserver, Observer, StepRecord
 from invoice_mailer.policy import (
     GiveUp,
@@ -67,6 +74,8 @@ PUBLISH = "publish"
 LEDGER = "ledger"
 
 BUSY_RECHECK_SECONDS = 5.0
+# Waiting behind another event's resend of the same invoice: recheck 1, 2, 4... s, up to.
+INVOICE_RECHECK_MAX_SECONDS = 30
 # Workers that died holding one event before it is taken for poison and dead-lettered.
 POISON_TAKEOVERS = 3
 # Stop trusting an Idempotency-Key this long before the API says it forgets it.
@@ -76,9 +85,9 @@ Checkpoint = Callable[[str, Job], None]
 """Called with ``claimed``, ``resent`` and ``published`` as a run passes them."""
 
 
-def idempotency_key(event: EventRef, step: str) -> str:
+def idempotency_key(event: EventRef, step: str, *, scheme: int = ID_SCHEME) -> str:
     """The same for every try of one step of one event, and for no other."""
-    return outgoing_event_id(f"idempotency:{step}", event.source, event.event_id)
+    return outgoing_event_id(f"idempotency:{step}", event.source, event.event_id, scheme=scheme)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +163,7 @@ class Pipeline:
         ledger: Ledger,
         policy: RetryPolicy,
         lease_seconds: float,
+        resend_settles_seconds: float = 15.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -166,6 +176,7 @@ class Pipeline:
         self._ledger = ledger
         self._policy = policy
         self._lease_seconds = lease_seconds
+        self._settles = resend_settles_seconds
         self._rng = rng or random.Random()
         self._clock = clock
         self._now = wall_clock
@@ -265,19 +276,45 @@ class Pipeline:
     def _find_resend(self, run: _Run) -> Outcome | None:
         """Did the resend whose answer we never got happen? Ask email-info first.
 
-        An email created at or after the first resend began is that resend's
-        (HostUp's body names no idempotency key). If none, send it now.
+        Its emails' ``createdAt`` is in the API's clock, the resend's start in ours:
+        the email-info answer itself brings the provider's clock an estimate if it had
+        none, and each email is placed against the start within that estimate's bounds
+        (``clock.placement``). Created after the start: this resend's, since no other
+        event of the invoice could begin one meanwhile (the ledger's rule). Too close to
+        tell: this resend's, unless another event recorded it as its own. None: not
+        sent, once email-info has had time to list it (``resend_settles_seconds``
+        after the last try began); until then, look again later. An API that tells no
+        time cannot be compared: given up, not resent blind.
         """
-        since = run.record.resend_first_started_at
+        record = run.record
+        since = record.resend_first_started_at
         assert since is not None  # set with resend_in_flight
         started = self._clock()
         try:
             info = self._provider.email_info(run.job.event.invoice)
         except BillingError as error:
             return self._resend_failed(run, error, started)
-        email = _email_created_since(info, since)
+        offset = self._provider.clock.offset()
+        if offset is None:
+            self._log(run.job, RESEND, "gave_up", started, code="resend_unverifiable")
+            decision = GiveUp(
+                status=None,
+                code="resend_unverifiable",
+                detail="a resend got no answer and the API's answers tell no time (no Date "
+                "header) to compare email-info with; not resending blind",
+                history=run.job.step_history(RESEND),
+            )
+            self._give_up(run, RESEND, decision)
+            return None
+        email = self._own_email(run, info, since, offset)
         if email is None:
-            self._log(run.job, RESEND, "uncertain_not_sent", started)
+            last = record.resend_last_started_at or since
+            unlisted_for = self._now() - last
+            if unlisted_for < self._settles:
+                wait = whole_seconds(self._settles - unlisted_for)
+                self._log(run.job, RESEND, "uncertain_unlisted", started, status=200, wait=wait)
+                return RetryLater(run.job, wait, RESEND, "uncertain_unlisted")
+            self._log(run.job, RESEND, "uncertain_not_sent", started, status=200)
             return self._resend(run, uncertain=False, rebegin=True)
         result = ResendResult(queued_at=str(email["createdAt"]), email=email.get("to"))
         run.record = self._ledger.record_resend(
@@ -286,6 +323,29 @@ class Pipeline:
         self._log(run.job, RESEND, "uncertain_was_sent", started, status=200)
         self._checkpoint("resent", run.job)
         return None
+
+    def _own_email(
+        self, run: _Run, info: dict[str, Any], since: float, offset: Offset
+    ) -> dict[str, Any] | None:
+        """The earliest email of email-info that is this event's resend's, if any."""
+        candidates: list[tuple[float, Placement, dict[str, Any]]] = []
+        for email in info.get("emails") or []:
+            created = parse_iso(email.get("createdAt")) if isinstance(email, dict) else None
+            if created is None:
+                continue
+            where = placement(created, since, offset)
+            if where is not Placement.BEFORE:
+                candidates.append((created, where, email))
+        if any(where is Placement.WITHIN for _, where, _ in candidates):
+            event = run.job.event
+            taken = {
+                parse_iso(r.queued_at)
+                for r in self._ledger.resends_of_invoice(
+                    run.key, event.invoice, self._provider.name
+                )
+            }
+            candidates = [c for c in candidates if c[1] is Placement.AFTER or c[0] not in taken]
+        return dict(min(candidates, key=lambda c: c[0])[2]) if candidates else None
 
     def _resend(self, run: _Run, *, uncertain: bool, rebegin: bool = False) -> Outcome | None:
         """POST the resend, and record its answer before anything else happens.
@@ -308,15 +368,19 @@ class Pipeline:
         if begun_at is None:
             # Not marked by the claim, or marked a while ago: mark it now, if the lease
             # is still ours (this also renews it).
-            begun_at = self._ledger.begin_resend(
-                run.key, owner=run.owner, now=self._now(), lease_seconds=self._lease_seconds
-            )
+            try:
+                begun_at = self._ledger.begin_resend(
+                    run.key, owner=run.owner, now=self._now(), lease_seconds=self._lease_seconds
+                )
+            except InvoiceBusy:
+                return self._wait_for_invoice(run, started)
         if begun_at is None:  # someone else took the event over: let them finish
             self._log(job, RESEND, "lease_lost", started, wait=1)
             return RetryLater(job, 1, RESEND, "lease_lost")
         try:
             result = self._provider.resend(
-                job.event.invoice, idempotency_key=idempotency_key(job.event, RESEND)
+                job.event.invoice,
+                idempotency_key=idempotency_key(job.event, RESEND, scheme=run.record.id_scheme),
             )
         except BillingError as error:
             if not uncertain and not (isinstance(error, TransientError) and error.request_sent):
@@ -329,6 +393,15 @@ class Pipeline:
         self._log(run.job, RESEND, "done", started, status=200)
         self._checkpoint("resent", run.job)
         return None
+
+    def _wait_for_invoice(self, run: _Run, started: float) -> RetryLater:
+        """Another event of the invoice has a resend whose outcome is unknown: wait for
+        it to settle, in the broker, checking again after 1, 2, 4... seconds."""
+        history = run.job.step_history("invoice")
+        history = replace(history, attempts=history.attempts + 1)
+        delay = min(2 ** (history.attempts - 1), INVOICE_RECHECK_MAX_SECONDS)
+        self._log(run.job, RESEND, "invoice_busy", started, wait=delay)
+        return RetryLater(run.job.with_history("invoice", history), delay, RESEND, "invoice_busy")
 
     def _resend_failed(self, run: _Run, error: BillingError, started: float) -> Outcome | None:
         """The resend step failed (the POST, or the email-info look before it)."""
@@ -433,6 +506,7 @@ class Pipeline:
             reissued_event={"id": job.event.event_id, "source": job.event.source},
             attempts=attempts,
             reason=failure,
+            id_scheme=run.record.id_scheme,
         )
         try:
             self._publisher.publish_event(event, EMAIL_FAILED)
@@ -471,7 +545,11 @@ class Pipeline:
             data["emailInfoError"] = record.email_info_error
         data["reissuedEvent"] = {"id": job.event.event_id, "source": job.event.source}
         event = cloud_event(
-            EMAIL_QUEUED, cause_key=job.event.key, subject=job.event.invoice, data=data
+            EMAIL_QUEUED,
+            cause_key=job.event.key,
+            subject=job.event.invoice,
+            data=data,
+            id_scheme=record.id_scheme,
         )
         started = self._clock()
         try:
@@ -574,22 +652,6 @@ def _one_more(job: Job, step: str) -> Job:
     return job.with_history(step, replace(history, attempts=history.attempts + 1))
 
 
-def _email_created_since(info: dict[str, Any], since: float) -> dict[str, Any] | None:
-    """The first email in email-info created at or after ``since`` (Unix time)."""
-    for email in info.get("emails") or []:
-        created = email.get("createdAt") if isinstance(email, dict) else None
-        if not isinstance(created, str):
-            continue
-        try:
-            when = datetime.fromisoformat(created).timestamp()
-        except ValueError:
-            continue
-        # Timestamps have millisecond precision: compare at that precision.
-        if math.floor(when * 1000) >= math.floor(since * 1000):
-            return dict(email)
-    return None
-
-
 def failed_event(
     *,
     invoice: str | None,
@@ -598,12 +660,14 @@ def failed_event(
     reissued_event: dict[str, str | None],
     attempts: int,
     reason: dict[str, Any],
+    id_scheme: int = ID_SCHEME,
 ) -> dict[str, Any]:
     """An ``invoice.email_failed`` CloudEvent."""
     return cloud_event(
         EMAIL_FAILED,
         cause_key=cause_key,
         subject=invoice,
+        id_scheme=id_scheme,
         data={
             "invoiceId": invoice,
             "provider": provider,

@@ -35,6 +35,8 @@ class Problem:
     code: str
     detail: str
     retry_after_seconds: float | None = None
+    timestamp: str | None = None
+    """When the API made the answer, by its clock (HostUp's ``timestamp``)."""
 
 
 def parse_problem(status: int, body: bytes) -> Problem:
@@ -54,7 +56,13 @@ def parse_problem(status: int, body: bytes) -> Problem:
     retry_after = None
     if isinstance(recovery, Mapping):
         retry_after = _non_negative(recovery.get("retryAfterSeconds"))
-    return Problem(code=code, detail=str(detail)[:_MAX_DETAIL], retry_after_seconds=retry_after)
+    stamp = doc.get("timestamp") if doc else None
+    return Problem(
+        code=code,
+        detail=str(detail)[:_MAX_DETAIL],
+        retry_after_seconds=retry_after,
+        timestamp=stamp if isinstance(stamp, str) else None,
+    )
 
 
 def requested_wait(headers: Mapping[str, str], problem: Problem, now: datetime) -> float | None:

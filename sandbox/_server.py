@@ -9,6 +9,15 @@ endpoint, consumed in order, then the endpoint behaves normally again:
 Random faults (``failure_rates``) and a fixed ``latency`` serve long runs and benchmarks.
 Every request is recorded (method, path, headers, body, time) for tests to assert on.
 Control endpoints under ``/_sandbox/`` let another process script and read it.
+
+As the docs describe it, email-info lists the emails that resend-email queued:
+``createdAt`` (= the resend's ``queuedAt``) at the POST, ``status`` ``queued`` and then,
+``send_after`` seconds later, ``sent`` with its ``sentAt``. What real APIs do beyond their
+docs has a switch each: ``clock_offset`` (the API's clock against ours: its ``Date``
+header, ``createdAt``, ``queuedAt`` and problem ``timestamp`` all read it),
+``email_info_lag`` (an email shows in email-info only this long after it was queued),
+``trickle`` (every answer's body dripped over this many seconds) and, per fault,
+``echo_headers`` (an error body that echoes the request's headers).
 """
 
 from __future__ import annotations
@@ -76,6 +85,8 @@ class Fault:
     echo_headers: bool = False
     """Echo the request's headers (``Authorization`` included) in the error's detail or
     message, as JSON and URL-encoded, as a careless API or proxy does."""
+    trickle: float = 0.0
+    """Drip the answer's body a byte at a time over this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,10 @@ class _State:
     latency: float
     failure_rates: dict[int, float]
     resend_limit: int | None
+    clock_offset: float = 0.0
+    email_info_lag: float = 0.0
+    send_after: float = 1.0
+    trickle: float = 0.0
     missing: set[str] = field(default_factory=set)
     scopes: set[str] = field(default_factory=lambda: {"read:billing", "write:billing"})
     scripts: dict[tuple[str, str], list[Fault]] = field(default_factory=dict)
@@ -126,6 +141,10 @@ class Sandbox:
         failure_rates: dict[int, float] | None = None,
         resend_limit: int | None = None,
         seed: int | None = None,
+        clock_offset: float = 0.0,
+        email_info_lag: float = 0.0,
+        send_after: float = 1.0,
+        trickle: float = 0.0,
     ) -> None:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -136,6 +155,10 @@ class Sandbox:
             latency=latency,
             failure_rates=dict(failure_rates or {}),
             resend_limit=resend_limit,
+            clock_offset=clock_offset,
+            email_info_lag=email_info_lag,
+            send_after=send_after,
+            trickle=trickle,
         )
         handler = type("_BoundHandler", (_Handler,), {"sandbox": self})
         self._server = _Server((host, port), handler)
@@ -202,8 +225,20 @@ class Sandbox:
         failure_rates: dict[int, float] | None = None,
         scopes: set[str] | None = None,
         resend_limit: int | None = None,
+        clock_offset: float | None = None,
+        email_info_lag: float | None = None,
+        send_after: float | None = None,
+        trickle: float | None = None,
     ) -> None:
         with self._lock:
+            for name, value in (
+                ("clock_offset", clock_offset),
+                ("email_info_lag", email_info_lag),
+                ("send_after", send_after),
+                ("trickle", trickle),
+            ):
+                if value is not None:
+                    setattr(self._state, name, value)
             if latency is not None:
                 self._state.latency = latency
             if failure_rates is not None:
@@ -224,6 +259,13 @@ class Sandbox:
                 and (endpoint is None or r.endpoint == endpoint)
             ]
 
+    def now(self) -> float:
+        """The sandbox API's clock (Unix time): ours plus ``clock_offset``."""
+        return time.time() + self._state.clock_offset
+
+    def iso_now(self) -> str:
+        return _iso(self.now())
+
     def emails(self, invoice: str) -> list[dict[str, Any]]:
         """Emails actually queued for ``invoice`` (what a customer would receive)."""
         with self._lock:
@@ -243,6 +285,7 @@ class Sandbox:
         path = handler.path.split("?", 1)[0]
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        handler.trickle = 0.0  # the handler lives as long as its keep-alive connection
         if path.startswith("/_sandbox/"):
             self._control(handler, method, path, body)
             return
@@ -261,6 +304,7 @@ class Sandbox:
             )
             fault = self._next_fault(invoice, endpoint)
             latency = self._state.latency
+            handler.trickle = fault.trickle if fault and fault.trickle else self._state.trickle
         effect = None
         if fault is not None and fault.then_succeed:
             effect = self._effect(endpoint, invoice, handler)  # the email goes out now...
@@ -342,10 +386,13 @@ class Sandbox:
             email = self._effect("resend", invoice, handler)
             _json(handler, 200, _resend_answer(email, handler.path))
             return
+        now = time.time()
         with self._lock:
+            lag, send_after = self._state.email_info_lag, self._state.send_after
             emails = [
-                {k: v for k, v in e.items() if k in _EMAIL_INFO_FIELDS}
+                _as_listed(e, now, send_after)
                 for e in self._state.emails.get(invoice, [])
+                if now - e["queuedAtLocal"] >= lag
             ]
         _json(handler, 200, {"emails": emails, "currentTargets": DEFAULT_TARGETS})
 
@@ -378,7 +425,7 @@ class Sandbox:
         self, endpoint: str | None, invoice: str | None, handler: _Handler
     ) -> dict[str, Any]:
         """Queue an email: the thing a customer notices, counted per invoice."""
-        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        now = self.iso_now()
         with self._lock:
             self._state.jobs += 1
             email = {
@@ -390,6 +437,7 @@ class Sandbox:
                 "createdAt": now,
                 "jobId": str(self._state.jobs),
                 "idempotencyKey": handler.headers.get("Idempotency-Key"),
+                "queuedAtLocal": time.time(),
             }
             self._state.emails.setdefault(invoice or "", []).append(email)
         return email
@@ -441,6 +489,10 @@ class Sandbox:
             self.configure(
                 latency=doc.get("latency"),
                 failure_rates={int(k): v for k, v in rates.items()} if rates is not None else None,
+                clock_offset=doc.get("clock_offset"),
+                email_info_lag=doc.get("email_info_lag"),
+                send_after=doc.get("send_after"),
+                trickle=doc.get("trickle"),
             )
             _json(handler, 200, {"ok": True})
         elif method == "POST" and path == "/_sandbox/reset":
@@ -473,6 +525,11 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
     sandbox: Sandbox
+    trickle: float = 0.0
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header, in the sandbox API's clock."""
+        return super().date_time_string(self.sandbox.now() if timestamp is None else timestamp)
 
     def do_GET(self) -> None:
         self.sandbox._handle(self, "GET")
@@ -517,6 +574,21 @@ _ABILLIFY_TYPES = {
 }
 
 
+def _iso(when: float) -> str:
+    return (
+        datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def _as_listed(email: dict[str, Any], now: float, send_after: float) -> dict[str, Any]:
+    """An email as email-info shows it: queued, then sent ``send_after`` seconds later."""
+    listed = {k: v for k, v in email.items() if k in _EMAIL_INFO_FIELDS}
+    if now - email["queuedAtLocal"] >= send_after:
+        sent = datetime.fromisoformat(email["createdAt"]).timestamp() + send_after
+        listed.update(status="sent", deliveryStatus="delivered", sentAt=_iso(sent))
+    return listed
+
+
 def _resend_answer(email: dict[str, Any], path: str) -> dict[str, Any]:
     """The documented success body of either provider's resend."""
     if path.startswith(ABILLIFY_PREFIX):
@@ -553,7 +625,7 @@ def _problem(
         "code": code,
         "instance": handler.path,
         "requestId": f"req_{random.getrandbits(64):016x}",
-        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "timestamp": handler.sandbox.iso_now(),
     }
     if errors:
         doc["errors"] = errors
@@ -629,4 +701,12 @@ def _raw(
     for name, value in (headers or {}).items():
         handler.send_header(name, value)
     handler.end_headers()
-    handler.wfile.write(body)
+    if not handler.trickle or not body:
+        handler.wfile.write(body)
+        return
+    handler.wfile.flush()  # the headers now, then the body a byte at a time
+    pause = handler.trickle / len(body)
+    for i in range(len(body)):
+        time.sleep(pause)
+        handler.wfile.write(body[i : i + 1])
+        handler.wfile.flush()

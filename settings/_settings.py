@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # Beyond CONTRACT.md (operations; README "Configuration"):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     log_format: Literal["console", "json"] = "console"
+    email_info_lag_seconds: float = Field(default=5.0, ge=0, le=3600)
 
     @field_validator("celery_broker_url")
     @classmethod
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
             "username": self.abillify_username,
             "password": self.abillify_password.get_secret_value(),
         }
+
+    def resend_settles_seconds(self) -> float:
+        """After a resend's try began, how long until email-info must list its email:
+        the whole request (``HTTP_TIMEOUT_SECONDS``), then email-info's lag behind it."""
+        return self.http_timeout_seconds + self.email_info_lag_seconds
 
     def lease_seconds(self) -> float:
         """How long a run may hold an event: two HTTP calls at most, plus a publish.

@@ -132,6 +132,7 @@ class Runtime:
                 ledger=self._ledger,
                 policy=self.settings.retry_policy(),
                 lease_seconds=self.settings.lease_seconds(),
+                resend_settles_seconds=self.settings.resend_settles_seconds(),
                 checkpoint=self.checkpoint,
                 observer=self.observer,
             )

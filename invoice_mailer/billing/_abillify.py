@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
+from invoice_mailer.clock import ApiClock
 from invoice_mailer.errors import Rejected
 from invoice_mailer.problem import Problem, parse_problem
 from invoice_mailer.untrusted import Redactor
@@ -52,6 +53,7 @@ class AbillifyClient:
             "Content-Type": "application/json",
         }
         self._redactor = Redactor(basic=(username, password))
+        self.clock = ApiClock()
 
     def __repr__(self) -> str:
         return f"AbillifyClient(base_url={self._base_url!r})"
@@ -69,6 +71,7 @@ class AbillifyClient:
             headers={**self._headers, "Idempotency-Key": idempotency_key},
             json_body={},
             redactor=self._redactor,
+            clock=self.clock,
             parse_problem_body=parse_abillify_error,
         )
         arrived = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
+from invoice_mailer.clock import MILLISECOND, ApiClock, parse_iso
 from invoice_mailer.errors import Rejected
 from invoice_mailer.untrusted import Redactor
 
@@ -43,6 +45,7 @@ class HostUpClient:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         self._redactor = Redactor([api_key])
+        self.clock = ApiClock()
 
     def __repr__(self) -> str:
         return f"HostUpClient(base_url={self._base_url!r})"
@@ -53,17 +56,24 @@ class HostUpClient:
         A 2xx means the email was queued, so an unreadable 2xx body is still a
         success (retrying would send a second email): its fields are then unknown.
         """
+        sent = time.time()
         response = send(
             self._http,
             "POST",
             self._url(invoice, "actions/resend-email"),
             headers={**self._headers, "Idempotency-Key": idempotency_key},
             redactor=self._redactor,
+            clock=self.clock,
         )
         try:
             body = _ResendBody.model_validate_json(response.content)
         except ValidationError:
             return ResendResult(queued_at=_now_iso(), email=None)
+        queued = parse_iso(body.queuedAt)
+        if queued is not None:  # the API's clock to the millisecond
+            self.clock.observe(
+                sent=sent, received=time.time(), server=queued, resolution=MILLISECOND
+            )
         clean = self._redactor.text
         return ResendResult(
             queued_at=clean(body.queuedAt, limit=64), email=clean(body.email, emails=False)
@@ -77,6 +87,7 @@ class HostUpClient:
             self._url(invoice, "email-info"),
             headers=self._headers,
             redactor=self._redactor,
+            clock=self.clock,
         )
         try:
             body = _EmailInfoBody.model_validate_json(response.content)

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import httpcore
 import httpx
 
+from invoice_mailer.clock import MILLISECOND, ApiClock, parse_http_date, parse_iso
 from invoice_mailer.errors import TransientError
 from invoice_mailer.problem import Problem, error_for, parse_problem, requested_wait
 from invoice_mailer.untrusted import Redactor
 
-__all__ = ["HttpConfig", "ShardedTransport", "build_http_client", "send"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "HttpConfig",
+    "ShardedTransport",
+    "build_http_client",
+    "deadline",
+    "send",
+]
+
+MAX_ANSWER_BYTES = 1024 * 1024
+"""An answer is read up to this and cut off there: no billing answer is anywhere near."""
 
 ProblemParser = Callable[[int, bytes], Problem]
 
@@ -89,7 +103,9 @@ class ShardedTransport(httpx.BaseTransport):
     """
 
     def __init__(self, *, shards: int, limits: httpx.Limits) -> None:
-        self._shards = [httpx.HTTPTransport(limits=limits) for _ in range(max(1, shards))]
+        self._shards = [
+            _with_deadlines(httpx.HTTPTransport(limits=limits)) for _ in range(max(1, shards))
+        ]
         self._next = itertools.count()
         self._local = threading.local()
 
@@ -105,6 +121,105 @@ class ShardedTransport(httpx.BaseTransport):
             shard.close()
 
 
+# -- a deadline per request ---------------------------------------------------------------
+#
+# httpx's timeouts bound each socket operation, not the request: an API that trickles
+# its answer a byte at a time holds the thread for as long as it likes
+# (encode/httpx#1450, open). httpcore reads each timeout once per phase (headers, body),
+# not per receive, so no timeout value can bound it. What can: its network backend,
+# the documented seam under the connection pool, whose every read and write takes a
+# timeout. Ours clamps each to what is left of the calling thread's deadline, and
+# refuses once none is left. httpx builds the pool itself and offers no parameter for
+# the backend, so it is swapped in on the pool (``_with_deadlines``); the test
+# ``test_a_trickling_answer_ends_at_the_deadline`` notices if that stops working.
+
+_deadlines = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Everything this thread sends or receives within the block ends by then."""
+    previous = getattr(_deadlines, "at", None)
+    _deadlines.at = time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _deadlines.at = previous
+
+
+def _left(timeout: float | None, error: type[Exception]) -> float | None:
+    at: float | None = getattr(_deadlines, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise error("the request's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, left))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _left(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, left, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _with_deadlines(transport: httpx.HTTPTransport) -> httpx.HTTPTransport:
+    pool = transport._pool
+    if not isinstance(getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
+        raise RuntimeError("httpcore's pool no longer has _network_backend: see _http.py")
+    pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return transport
+
+
 def send(
     http: httpx.Client,
     method: str,
@@ -112,24 +227,34 @@ def send(
     *,
     headers: Mapping[str, str],
     redactor: Redactor,
+    clock: ApiClock | None = None,
     json_body: Any = None,
     parse_problem_body: ProblemParser = parse_problem,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> httpx.Response:
     """Send one request; return a 2xx response or raise a BillingError.
 
-    The error never carries the request, so a credential in its headers cannot
-    leak through it; and what the API says is untrusted: ``redactor`` masks the
-    credentials in the body before it is parsed (an API may echo the request), and
-    cleans the problem's code and detail after (``invoice_mailer.untrusted``).
+    The whole request (connect, send, the answer to its last byte) ends within the
+    client's timeout, and an answer is cut off at ``MAX_ANSWER_BYTES``. Every answer's
+    ``Date`` (and a problem's ``timestamp``) goes to ``clock``. The error never carries
+    the request, so a credential in its headers cannot leak through it; and what the
+    API says is untrusted: ``redactor`` masks the credentials in the body before it is
+    parsed (an API may echo the request), and cleans the problem's code and detail
+    after (``invoice_mailer.untrusted``).
     """
+    limit = _timeout_of(http)
+    sent = time.time()
     try:
-        response = http.request(method, url, headers=headers, json=json_body)
+        with (
+            deadline(limit or math.inf),
+            http.stream(method, url, headers=headers, json=json_body) as streamed,
+        ):
+            received = time.time()
+            response = _read_capped(streamed)
     except httpx.TimeoutException as exc:
         raise TransientError(
             status=None,
             code="timeout",
-            detail=f"{type(exc).__name__} after {_timeout_of(http)}s",
+            detail=f"{type(exc).__name__} after {limit}s",
             request_sent=not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout),
         ) from None
     except httpx.TransportError as exc:
@@ -139,17 +264,41 @@ def send(
             detail=type(exc).__name__,
             request_sent=not isinstance(exc, httpx.ConnectError),
         ) from None
+    server_date = parse_http_date(response.headers.get("date"))
+    if clock is not None and server_date is not None:
+        clock.observe(sent=sent, received=received, server=server_date, resolution=1.0)
     if response.is_success:
         return response
     body = redactor.secrets(response.content.decode("utf-8", "replace")).encode()
     problem = parse_problem_body(response.status_code, body)
+    stamped = parse_iso(problem.timestamp)
+    if clock is not None and stamped is not None:
+        clock.observe(sent=sent, received=received, server=stamped, resolution=MILLISECOND)
     problem = replace(
         problem,
         code=redactor.text(problem.code, limit=100),
         detail=redactor.text(problem.detail),
     )
-    wait = requested_wait(response.headers, problem, now())
+    # A Retry-After date is a time at the API: against its Date, not our clock.
+    now = server_date if server_date is not None else time.time()
+    wait = requested_wait(response.headers, problem, datetime.fromtimestamp(now, UTC))
     raise error_for(response.status_code, problem, wait)
+
+
+def _read_capped(streamed: httpx.Response) -> httpx.Response:
+    """The answer with its body read, up to ``MAX_ANSWER_BYTES`` (the rest unread)."""
+    chunks, size = [], 0
+    for chunk in streamed.iter_bytes():
+        chunks.append(chunk[: MAX_ANSWER_BYTES - size])
+        size += len(chunk)
+        if size >= MAX_ANSWER_BYTES:
+            break
+    return httpx.Response(
+        streamed.status_code,
+        headers=streamed.headers,
+        content=b"".join(chunks),
+        request=streamed.request,
+    )
 
 
 def _timeout_of(http: httpx.Client) -> float | None:

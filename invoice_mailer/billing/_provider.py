@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from invoice_mailer.clock import ApiClock
+
 __all__ = ["BillingProvider", "ResendResult"]
 
 
@@ -30,12 +32,14 @@ class BillingProvider(Protocol):
     Methods raise only ``BillingError`` subclasses. ``has_email_info`` says
     whether ``email_info`` exists; the pipeline skips that step otherwise.
     ``idempotency_window_seconds`` is how long the API remembers an
-    ``Idempotency-Key`` (None: not promised).
+    ``Idempotency-Key`` (None: not promised). ``clock`` is the API's clock as its
+    answers tell it.
     """
 
     name: str
     has_email_info: bool
     idempotency_window_seconds: float | None
+    clock: ApiClock
 
     def resend(self, invoice: str, *, idempotency_key: str) -> ResendResult: ...
 

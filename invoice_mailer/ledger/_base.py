@@ -10,7 +10,10 @@ asked, email-info's answer before publishing, a give-up's dead letter before its
 A resend is marked in flight (by the claim) before it is sent; a run that dies
 before its answer is recorded leaves it in flight, and the next run finds it in
 email-info (or sends it again under the same idempotency key) rather than
-repeating it blind.
+repeating it blind. One invoice has at most one resend in flight, whatever the
+number of its events, processes and hosts: a unique index says so, and a run
+that would begin a second gets ``InvoiceBusy`` and waits in the broker. So an
+email that email-info lists as created after a resend began is that resend's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "Claim",
     "Claimed",
     "EventKey",
+    "InvoiceBusy",
     "Ledger",
     "LedgerError",
     "Record",
@@ -37,6 +41,10 @@ EventKey = tuple[str, str]
 """``(source, id)`` of an incoming event."""
 
 OPEN, PUBLISHED, FAILED = "open", "published", "failed"
+
+
+class InvoiceBusy(Exception):
+    """Another event of the same invoice has a resend whose outcome is unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,10 @@ class Record:
     """Runs that took the event over after its holder's lease ran out (holder died)."""
     dead_lettered: bool = False
     """The give-up in ``failure`` has its dead letter: only its event remains to publish."""
+    id_scheme: int = 1
+    """How this event's outgoing ids are named (``events.outgoing_event_id``)."""
+    resend_last_started_at: float | None = None
+    """When the latest try of the resend began (None before 0.3 recorded it)."""
 
     @property
     def final(self) -> bool:
@@ -98,6 +110,8 @@ class Record:
             updated_at=row["updated_at"],
             takeovers=int(row.get("takeovers") or 0),
             dead_lettered=bool(row.get("dead_lettered")),
+            id_scheme=int(row.get("id_scheme") or 1),
+            resend_last_started_at=row.get("resend_last_started_at"),
         )
 
 
@@ -148,8 +162,9 @@ class Ledger(Protocol):
     ) -> Claim:
         """Take the event's lease, atomically. ``reopen_failed`` lets a replay retry
         an event that had failed (a published one stays done). ``begin_resend`` also
-        marks a resend as in flight, in the same write, unless one is recorded or the
-        event is given up."""
+        marks a resend as in flight, in the same write, unless one is recorded, the
+        event is given up, or another event of the invoice has one in flight (then
+        the claim is made without it, and ``begin_resend`` below will say so)."""
         ...
 
     def begin_resend(
@@ -159,7 +174,8 @@ class Ledger(Protocol):
         (after time has passed since the claim).
 
         Returns when the event's first resend started (Unix time), or None when the
-        lease is lost and the resend must not be sent.
+        lease is lost and the resend must not be sent. Raises ``InvoiceBusy`` while
+        another event of the invoice has a resend in flight.
         """
         ...
 
@@ -228,6 +244,10 @@ class Ledger(Protocol):
 
     def find(self, event_id: str) -> list[Record]:
         """Every record with this event id (any source)."""
+        ...
+
+    def resends_of_invoice(self, key: EventKey, invoice: str, provider: str) -> list[ResendResult]:
+        """The resends that other events of this invoice recorded as done."""
         ...
 
     def prune(self, *, older_than: float) -> int:

@@ -10,7 +10,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from invoice_mailer.ledger._base import LedgerError
+from invoice_mailer.ledger._base import InvoiceBusy, LedgerError
 from invoice_mailer.ledger._sql import Run, SqlLedger
 from invoice_mailer.ledger._statements import for_psycopg
 
@@ -50,6 +50,9 @@ class PostgresLedger(SqlLedger):
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
                 cursor.execute(for_psycopg(sql), params)
                 return list(cursor.fetchall()) if cursor.description else []
+        except psycopg.errors.UniqueViolation as exc:
+            # The only constraint a statement can break is one resend per invoice.
+            raise InvoiceBusy(str(exc)) from None
         except psycopg.Error as exc:  # PoolTimeout included
             raise LedgerError(f"PostgreSQL ledger: {exc}") from exc
 

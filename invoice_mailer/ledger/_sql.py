@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from invoice_mailer.billing import ResendResult
+from invoice_mailer.events import ID_SCHEME
 from invoice_mailer.ledger._base import (
     FAILED,
     OPEN,
@@ -23,6 +24,7 @@ from invoice_mailer.ledger._base import (
     Claim,
     Claimed,
     EventKey,
+    InvoiceBusy,
     LedgerError,
     Record,
 )
@@ -75,6 +77,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             f"ALTER TABLE {TABLE} ADD COLUMN dead_lettered INTEGER NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        4,
+        [
+            # How the event's outgoing ids are named: 1 for every event recorded
+            # before, so that their ids never change; new events get events.ID_SCHEME.
+            f"ALTER TABLE {TABLE} ADD COLUMN id_scheme INTEGER NOT NULL DEFAULT 1",
+            # When the latest try of the resend began: email-info may lag behind it.
+            f"ALTER TABLE {TABLE} ADD COLUMN resend_last_started_at DOUBLE PRECISION",
+            # 1 while this event's resend has an unknown outcome, else NULL: one per
+            # invoice, so an email created after a resend began can only be its own.
+            # (Events in flight before this migration hold no slot: none is broken.)
+            f"ALTER TABLE {TABLE} ADD COLUMN holds_invoice INTEGER",
+            f"""CREATE UNIQUE INDEX {TABLE}_one_resend_per_invoice
+                ON {TABLE} (provider, invoice) WHERE holds_invoice = 1""",
+            f"CREATE INDEX {TABLE}_invoice ON {TABLE} (provider, invoice)",
+        ],
+    ),
 ]
 SCHEMA_TABLE = "invoice_mailer_schema"
 
@@ -82,6 +101,40 @@ _KEY = "source = :source AND event_id = :event_id"
 # Every write by the lease's holder renews it: a run that makes progress keeps its event.
 _RENEW = """lease_expires_at = CASE WHEN lease_owner = :owner
         THEN :expires ELSE lease_expires_at END"""
+# Every write that settles a resend's outcome gives the invoice's slot back.
+_SETTLED = "holds_invoice = NULL"
+
+
+# One statement: insert the event, or take its lease if it is free, expired or ours
+# already. A row comes back only when this run holds the lease. resend_in_flight counts
+# runs that began a resend without a definite answer: a claim that begins one adds
+# itself, so more than one means an earlier run's resend is uncertain. (Every write is
+# a round trip: one, not two.) Beginning a resend takes the invoice's slot
+# (holds_invoice); the unique index refuses it while another event of the invoice holds it.
+_BEGINS = f"""(:begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL)"""
+_CLAIM = f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
+        lease_owner, lease_expires_at, resend_in_flight, resend_first_started_at,
+        resend_last_started_at, holds_invoice, id_scheme, created_at, updated_at)
+    VALUES (:source, :event_id, :invoice, :provider, '{OPEN}',
+        :owner, :expires, :begin, CASE WHEN :begin = 1 THEN :now END,
+        CASE WHEN :begin = 1 THEN :now END, CASE WHEN :begin = 1 THEN 1 END,
+        {ID_SCHEME}, :now, :now)
+    ON CONFLICT (source, event_id) DO UPDATE SET
+        takeovers = {TABLE}.takeovers + CASE
+            WHEN {TABLE}.lease_owner IS NOT NULL AND {TABLE}.lease_owner <> :owner
+            THEN 1 ELSE 0 END,
+        resend_in_flight = {TABLE}.resend_in_flight + CASE WHEN {_BEGINS} THEN 1 ELSE 0 END,
+        resend_first_started_at = CASE WHEN {_BEGINS}
+            THEN COALESCE({TABLE}.resend_first_started_at, :now)
+            ELSE {TABLE}.resend_first_started_at END,
+        resend_last_started_at = CASE WHEN {_BEGINS}
+            THEN :now ELSE {TABLE}.resend_last_started_at END,
+        holds_invoice = CASE WHEN {_BEGINS} THEN 1 ELSE {TABLE}.holds_invoice END,
+        lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
+    WHERE {TABLE}.state = '{OPEN}'
+      AND ({TABLE}.lease_owner IS NULL OR {TABLE}.lease_expires_at <= :now
+           OR {TABLE}.lease_owner = :owner)
+    RETURNING *"""
 
 
 Run = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
@@ -149,35 +202,13 @@ class SqlLedger(ABC):
                     WHERE {_KEY} AND state = '{FAILED}'""",
                 params,
             )
-        # One statement: insert the event, or take its lease if it is free, expired or
-        # ours already. A row comes back only when this run holds the lease.
-        # resend_in_flight counts runs that began a resend without a definite answer:
-        # a claim that begins one adds itself, so more than one means an earlier run's
-        # resend is uncertain. (Every write is a round trip: one, not two.)
-        rows = self._execute(
-            f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
-                    lease_owner, lease_expires_at, resend_in_flight, resend_first_started_at,
-                    created_at, updated_at)
-                VALUES (:source, :event_id, :invoice, :provider, '{OPEN}',
-                    :owner, :expires, :begin, CASE WHEN :begin = 1 THEN :now END, :now, :now)
-                ON CONFLICT (source, event_id) DO UPDATE SET
-                    takeovers = {TABLE}.takeovers + CASE
-                        WHEN {TABLE}.lease_owner IS NOT NULL AND {TABLE}.lease_owner <> :owner
-                        THEN 1 ELSE 0 END,
-                    resend_in_flight = {TABLE}.resend_in_flight + CASE
-                        WHEN :begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL
-                        THEN 1 ELSE 0 END,
-                    resend_first_started_at = CASE
-                        WHEN :begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL
-                        THEN COALESCE({TABLE}.resend_first_started_at, :now)
-                        ELSE {TABLE}.resend_first_started_at END,
-                    lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
-                WHERE {TABLE}.state = '{OPEN}'
-                  AND ({TABLE}.lease_owner IS NULL OR {TABLE}.lease_expires_at <= :now
-                       OR {TABLE}.lease_owner = :owner)
-                RETURNING *""",
-            params,
-        )
+        try:
+            rows = self._execute(_CLAIM, params)
+        except InvoiceBusy:
+            # Another event of the invoice has a resend in flight: claim without
+            # beginning one; begin_resend tells the run to wait.
+            begin_resend = False
+            rows = self._execute(_CLAIM, {**params, "begin": 0})
         if rows:
             row = rows[0]
             began = begin_resend and row["resend"] is None and row["failure"] is None
@@ -199,6 +230,7 @@ class SqlLedger(ABC):
             f"""UPDATE {TABLE} SET resend_in_flight = CASE
                         WHEN resend_in_flight > 0 THEN resend_in_flight ELSE 1 END,
                     resend_first_started_at = COALESCE(resend_first_started_at, :now),
+                    resend_last_started_at = :now, holds_invoice = 1,
                     lease_expires_at = CASE WHEN :expires > lease_expires_at
                         THEN :expires ELSE lease_expires_at END,
                     updated_at = :now
@@ -209,7 +241,9 @@ class SqlLedger(ABC):
         return float(rows[0]["resend_first_started_at"]) if rows else None
 
     def resend_not_sent(self, key: EventKey) -> None:
-        self._execute(f"UPDATE {TABLE} SET resend_in_flight = 0 WHERE {_KEY}", _key(key))
+        self._execute(
+            f"UPDATE {TABLE} SET resend_in_flight = 0, {_SETTLED} WHERE {_KEY}", _key(key)
+        )
 
     def record_resend(
         self,
@@ -223,7 +257,7 @@ class SqlLedger(ABC):
     ) -> Record:
         return self._update(
             key,
-            """resend = :resend, resend_in_flight = 0,
+            f"""resend = :resend, resend_in_flight = 0, {_SETTLED},
                 email_info = COALESCE(:info, email_info),
                 email_info_done = CASE WHEN :info IS NULL THEN email_info_done ELSE 1 END""",
             owner=owner,
@@ -264,7 +298,7 @@ class SqlLedger(ABC):
     ) -> Record:
         return self._update(
             key,
-            "failure = :failure",
+            f"failure = :failure, {_SETTLED}",
             owner=owner,
             now=now,
             lease_seconds=lease_seconds,
@@ -315,8 +349,8 @@ class SqlLedger(ABC):
     def _finish(self, key: EventKey, state: str, outcome_event_id: str, *, now: float) -> Record:
         rows = self._execute(
             f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome,
-                    resend_in_flight = 0, lease_owner = NULL, lease_expires_at = NULL,
-                    updated_at = :now
+                    resend_in_flight = 0, {_SETTLED}, lease_owner = NULL,
+                    lease_expires_at = NULL, updated_at = :now
                 WHERE {_KEY} RETURNING *""",
             {**_key(key), "state": state, "outcome": outcome_event_id, "now": now},
         )
@@ -328,6 +362,15 @@ class SqlLedger(ABC):
             {"event_id": event_id},
         )
         return [Record.from_row(r) for r in rows]
+
+    def resends_of_invoice(self, key: EventKey, invoice: str, provider: str) -> list[ResendResult]:
+        rows = self._execute(
+            f"""SELECT resend FROM {TABLE}
+                WHERE provider = :provider AND invoice = :invoice AND resend IS NOT NULL
+                  AND NOT ({_KEY})""",
+            {**_key(key), "invoice": invoice, "provider": provider},
+        )
+        return [ResendResult.from_dict(json.loads(r["resend"])) for r in rows]
 
     def prune(self, *, older_than: float) -> int:
         rows = self._execute(

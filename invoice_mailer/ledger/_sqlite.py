@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from invoice_mailer.ledger._base import LedgerError
+from invoice_mailer.ledger._base import InvoiceBusy, LedgerError
 from invoice_mailer.ledger._sql import Run, SqlLedger
 from invoice_mailer.ledger._statements import for_sqlite
 
@@ -41,6 +41,9 @@ class _Statement:
     def wait(self) -> list[dict[str, Any]]:
         if not self._done.acquire(timeout=WAIT_SECONDS):
             raise LedgerError(f"SQLite ledger: no answer within {WAIT_SECONDS:.0f}s")
+        if isinstance(self.error, sqlite3.IntegrityError):
+            # The only constraint a statement can break is one resend per invoice.
+            raise InvoiceBusy(str(self.error))
         if self.error is not None:
             raise LedgerError(f"SQLite ledger: {self.error}") from self.error
         return self.rows

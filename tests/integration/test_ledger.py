@@ -14,6 +14,7 @@ from invoice_mailer.ledger import (
     Busy,
     Claim,
     Claimed,
+    InvoiceBusy,
     Ledger,
     LedgerError,
     open_ledger,
@@ -360,3 +361,112 @@ def test_statements_compile_for_each_driver_leaving_casts_quotes_and_percent_alo
     finally:
         ledger.close()
     assert rows == [{"b": "2", "a": "1", "ba": "21"}]
+
+
+OTHER = ("/billing", "evt_2")  # another event of the same invoice (inv_1)
+
+
+def test_one_resend_in_flight_per_invoice(ledger: Ledger) -> None:
+    """While one event's resend of inv_1 has an unknown outcome, another event of inv_1
+    is claimed without one, and cannot begin one until the first is settled."""
+    assert isinstance(_claim(ledger, "a", begin_resend=True), Claimed)
+    claim = _claim(ledger, "b", key=OTHER, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert claim.resend_begun_at is None
+    assert not claim.record.resend_in_flight
+    with pytest.raises(InvoiceBusy):
+        ledger.begin_resend(OTHER, owner="b", now=T0, lease_seconds=LEASE)
+    # Released for a retry in the broker, the first resend's outcome is still unknown.
+    ledger.release(KEY, "a")
+    with pytest.raises(InvoiceBusy):
+        ledger.begin_resend(OTHER, owner="b", now=T0 + 1, lease_seconds=LEASE)
+    # Another invoice is not held up.
+    third = ledger.claim(
+        ("/billing", "evt_3"),
+        invoice="inv_2",
+        provider="hostup",
+        owner="c",
+        lease_seconds=LEASE,
+        now=T0,
+        begin_resend=True,
+    )
+    assert isinstance(third, Claimed)
+    assert third.resend_begun_at == T0
+    ledger.record_resend(KEY, RESULT, owner="a", now=T0 + 2, lease_seconds=LEASE)
+    assert ledger.begin_resend(OTHER, owner="b", now=T0 + 3, lease_seconds=LEASE) == T0 + 3
+    assert ledger.resends_of_invoice(OTHER, "inv_1", "hostup") == [RESULT]
+    assert ledger.resends_of_invoice(KEY, "inv_1", "hostup") == []
+
+
+@pytest.mark.parametrize("settle", ["not_sent", "failure", "published"])
+def test_every_settled_outcome_frees_the_invoice(ledger: Ledger, settle: str) -> None:
+    _claim(ledger, "a", begin_resend=True)
+    if settle == "not_sent":
+        ledger.resend_not_sent(KEY)
+    elif settle == "failure":
+        failure = {"step": "resend", "status": 403, "code": "forbidden", "detail": "no"}
+        ledger.record_failure(KEY, failure, owner="a", now=T0, lease_seconds=LEASE)
+    else:
+        ledger.record_published(KEY, "out_1", now=T0)
+    claim = _claim(ledger, "b", key=OTHER, begin_resend=True)
+    assert isinstance(claim, Claimed)
+    assert claim.resend_begun_at == T0
+
+
+def test_concurrent_events_of_one_invoice_begin_one_resend_at_a_time(ledger: Ledger) -> None:
+    """8 events of inv_1 race to begin their resends: exactly one wins the slot."""
+    barrier = threading.Barrier(8)
+    begun: list[str] = []
+    errors: list[BaseException] = []
+
+    def race(n: int) -> None:
+        try:
+            barrier.wait()
+            claim = _claim(ledger, f"o{n}", key=("/race", f"evt_{n}"), begin_resend=True)
+            if isinstance(claim, Claimed) and claim.resend_begun_at is not None:
+                begun.append(f"o{n}")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(begun) == 1
+
+
+def test_new_events_get_the_new_id_scheme_and_recorded_ones_keep_theirs(
+    any_ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 4 on a ledger 0.2 wrote: its records name their outgoing ids as 0.2
+    did (scheme 1), new ones by ``ID_SCHEME``; and its in-flight resend holds no slot."""
+    from invoice_mailer.events import ID_SCHEME
+    from invoice_mailer.ledger import _sql
+
+    full = list(_sql.MIGRATIONS)
+    monkeypatch.setattr(_sql, "MIGRATIONS", [m for m in full if m[0] <= 3])
+    monkeypatch.setattr(_sql, "_CLAIM", _CLAIM_0_2)
+    old = open_ledger(any_ledger_url)
+    _claim(old, "a", begin_resend=True)
+    old.close()
+    monkeypatch.undo()
+    ledger = open_ledger(any_ledger_url)
+    try:
+        claim = _claim(ledger, "b", key=OTHER, begin_resend=True)
+        assert isinstance(claim, Claimed)
+        assert claim.resend_begun_at == T0
+        schemes = {r.event_id: r.id_scheme for r in ledger.find("evt_1") + ledger.find("evt_2")}
+        assert schemes == {"evt_1": 1, "evt_2": ID_SCHEME}
+    finally:
+        ledger.close()
+
+
+# 0.2's claim, for a ledger at migration 3.
+_CLAIM_0_2 = """INSERT INTO invoice_mailer_ledger (source, event_id, invoice, provider, state,
+        lease_owner, lease_expires_at, resend_in_flight, resend_first_started_at,
+        created_at, updated_at)
+    VALUES (:source, :event_id, :invoice, :provider, 'open',
+        :owner, :expires, :begin, CASE WHEN :begin = 1 THEN :now END, :now, :now)
+    RETURNING *"""

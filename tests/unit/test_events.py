@@ -185,3 +185,44 @@ def test_glimpse_reads_what_it_can_and_never_raises(body: bytes, seen: tuple[obj
     """Reports about bad events name their ids when they are short strings, else None."""
     g = glimpse(body)
     assert (g.source, g.event_id, g.invoice) == seen
+
+
+def test_distinct_triples_never_share_an_outgoing_id() -> None:
+    """0.2 joined the parts with newlines, so these two met; the new scheme keeps them apart,
+    and the old one is kept only for events the ledger recorded under it."""
+    a = ("invoice.email_queued", "/a\nx", "E")
+    b = ("invoice.email_queued", "/a", "x\nE")
+    assert outgoing_event_id(*a) != outgoing_event_id(*b)
+    assert outgoing_event_id(*a, scheme=1) == outgoing_event_id(*b, scheme=1)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"id": "evt\n1"},
+        {"id": "evt\t1"},
+        {"id": "evt\x001"},
+        {"id": "evt\x1b[31m"},
+        {"id": "evt\x85"},
+        {"id": ""},
+        {"source": ""},
+        {"source": "/a\nx"},
+        {"source": "/billing events"},
+        {"source": "/bad%zzescape"},
+        {"source": "http://[::1/"},
+        {"source": "/caf\u00e9"},
+        {"specversion": "1.1"},
+        {"specversion": 1.0},
+    ],
+)
+def test_cloudevents_attribute_rules_are_enforced_at_the_edge(changes: dict[str, Any]) -> None:
+    """id and source non-empty without control characters, source a URI-reference
+    (RFC 3986), specversion "1.0": anything else is invalid_cloudevent."""
+    assert _code(_body(**changes)) == "invalid_cloudevent"
+
+
+@pytest.mark.parametrize(
+    "source", ["/billing", "https://billing.example.com/events?x=1#f", "urn:billing:eu", "b%20c"]
+)
+def test_uri_references_are_accepted_as_sources(source: str) -> None:
+    assert parse_reissued(_body(source=source), None, provider="hostup").source == source

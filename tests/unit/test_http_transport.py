@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 
 import httpx
+import pytest
 import respx
 
 from invoice_mailer.billing import HttpConfig, ShardedTransport, build_http_client
@@ -67,3 +69,50 @@ def test_a_cookie_one_answer_sets_is_not_sent_with_the_next_request() -> None:
         client.get(URL)
         assert len(client.cookies) == 0
     assert [call.request.headers.get("cookie") for call in route.calls] == [None, None]
+
+
+def test_a_trickling_answer_ends_at_the_deadline() -> None:
+    """HTTP_TIMEOUT_SECONDS bounds the whole request, not each read: an answer dripped
+    over 6 s ends at the 1 s deadline as a timeout (after the request was sent). This
+    also notices if httpcore stops using the network backend swapped into its pool."""
+    from invoice_mailer.billing._http import send
+    from invoice_mailer.errors import TransientError
+    from invoice_mailer.untrusted import Redactor
+    from sandbox import DEFAULT_API_KEY, Sandbox
+
+    with Sandbox(trickle=6.0) as sb, build_http_client(HttpConfig(timeout_seconds=1)) as http:
+        url = f"{sb.hostup_url}/billing/invoices/inv_1/email-info"
+        started = time.monotonic()
+        with pytest.raises(TransientError) as info:
+            send(
+                http,
+                "GET",
+                url,
+                headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"},
+                redactor=Redactor([]),
+            )
+        took = time.monotonic() - started
+    assert info.value.code == "timeout"
+    assert info.value.request_sent
+    assert took < 2.0  # one deadline, plus at most one dripped byte's read
+
+
+def test_outside_a_deadline_the_transport_keeps_httpx_own_timeouts() -> None:
+    """Code that calls the client directly (not through send) is not cut short."""
+    from sandbox import DEFAULT_API_KEY, Sandbox
+
+    with Sandbox(trickle=0.5) as sb, build_http_client(HttpConfig(timeout_seconds=1)) as http:
+        url = f"{sb.hostup_url}/billing/invoices/inv_1/email-info"
+        answer = http.get(url, headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"})
+    assert answer.json()["emails"] == []
+
+
+@respx.mock
+def test_an_answer_larger_than_the_bound_is_cut_off() -> None:
+    from invoice_mailer.billing._http import MAX_ANSWER_BYTES, send
+    from invoice_mailer.untrusted import Redactor
+
+    respx.get(URL).respond(200, content=b"x" * (MAX_ANSWER_BYTES * 3))
+    with build_http_client(HttpConfig()) as http:
+        answer = send(http, "GET", URL, headers={}, redactor=Redactor([]))
+    assert len(answer.content) == MAX_ANSWER_BYTES

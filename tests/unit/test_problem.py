@@ -39,7 +39,11 @@ NOT_FOUND = {
 def test_documented_problem_document_yields_code_and_detail() -> None:
     """The `code` is what we keep to branch on; `detail` is for people."""
     problem = parse_problem(404, json.dumps(NOT_FOUND).encode())
-    assert problem == Problem(code="not_found", detail="The requested resource could not be found.")
+    assert problem == Problem(
+        code="not_found",
+        detail="The requested resource could not be found.",
+        timestamp="2026-04-27T12:34:56.000Z",  # the API's clock (invoice_mailer.clock)
+    )
 
 
 def test_resend_limit_body_carries_its_recovery_wait() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import httpx
@@ -143,3 +144,74 @@ def test_a_burst_of_new_connections_is_not_dropped() -> None:
                 stack.enter_context(socket.create_connection((host, int(port)), timeout=1))
     finally:
         sandbox.stop()
+
+
+def _info(sb: Sandbox, invoice: str = "inv_1") -> httpx.Response:
+    return httpx.get(f"{sb.hostup_url}/billing/invoices/{invoice}/email-info", headers=AUTH)
+
+
+@pytest.mark.parametrize("offset", [-30.0, -0.25, 30.0])
+def test_the_clock_offset_is_read_by_every_time_the_api_tells(offset: float) -> None:
+    """Date header, queuedAt/createdAt and problem timestamps: all in the API's clock."""
+    from invoice_mailer.clock import parse_http_date, parse_iso
+
+    with Sandbox(clock_offset=offset) as sb:
+        before = time.time()
+        answer = _resend(sb)
+        after = time.time()
+        queued = parse_iso(answer.json()["queuedAt"])
+        date = parse_http_date(answer.headers["date"])
+        stamp = parse_iso(_resend(sb, "inv_nope!").json()["timestamp"])
+    assert queued is not None
+    assert date is not None
+    assert stamp is not None
+    assert before + offset - 0.001 <= queued <= after + offset
+    assert before + offset - 1 <= date <= after + offset
+    assert before + offset - 0.001 <= stamp
+
+
+def test_email_info_lags_behind_the_resend_and_the_email_moves_to_sent() -> None:
+    with Sandbox(email_info_lag=0.3, send_after=0.6) as sb:
+        _resend(sb)
+        assert _info(sb).json()["emails"] == []
+        shown = _wait_for(lambda: _info(sb).json()["emails"])
+        assert shown[0]["status"] == "queued"
+        assert shown[0]["sentAt"] is None
+        sent = _wait_for(lambda: [e for e in _info(sb).json()["emails"] if e["sentAt"]])
+    assert sent[0]["status"] == "sent"
+    assert sent[0]["deliveryStatus"] == "delivered"
+    assert sent[0]["sentAt"] > sent[0]["createdAt"]
+
+
+def test_an_answer_can_trickle() -> None:
+    """The body arrives a byte at a time, spread over the switch's seconds."""
+    with Sandbox(trickle=0.5) as sb, httpx.stream("GET", _info_url(sb), headers=AUTH) as r:
+        chunks = list(r.iter_raw())
+    assert len(chunks) > 10
+    assert b"".join(chunks).startswith(b'{"emails"')
+
+
+def test_help_documents_the_keys_and_every_switch() -> None:
+    """``python -m sandbox --help`` names each credential and each switch of configure."""
+    from sandbox.__main__ import parser
+
+    text = parser().format_help()
+    for switch in ("clock-offset", "email-info-lag", "send-after", "trickle", "latency"):
+        assert f"--{switch}" in text
+    for name in ("HOSTUP_API_KEY", "ABILLIFY_USERNAME", "ABILLIFY_PASSWORD", DEFAULT_API_KEY):
+        assert name in text
+
+
+def _info_url(sb: Sandbox) -> str:
+    return f"{sb.hostup_url}/billing/invoices/inv_1/email-info"
+
+
+def _wait_for(probe: Callable[[], list[dict[str, object]]]) -> list[dict[str, object]]:
+    """Poll ``probe`` until it returns something (the sandbox moves by its own clock)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("the sandbox never got there")

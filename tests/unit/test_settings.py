@@ -37,7 +37,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-OPERATIONS_VARIABLES = {"METRICS_PORT", "LOG_FORMAT"}
+OPERATIONS_VARIABLES = {"METRICS_PORT", "LOG_FORMAT", "EMAIL_INFO_LAG_SECONDS"}
 
 
 def test_every_contract_variable_is_a_setting() -> None:

@@ -12,7 +12,6 @@ one. Nothing raised here may escape: an exception from a callback stops the work
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +23,11 @@ from kombu.message import Message
 
 from broker import raw_body
 from invoice_mailer.errors import InvalidEvent, PublishError
-from invoice_mailer.events import EMAIL_FAILED, glimpse, parse_reissued
+from invoice_mailer.events import parse_reissued
+from invoice_mailer.intake import reject
 from invoice_mailer.job import Job
 from invoice_mailer.observe import StepRecord
-from invoice_mailer.pipeline import failed_event
-from invoice_mailer.publishing import REPLAY_HEADER, DeadLetter
+from invoice_mailer.publishing import REPLAY_HEADER
 from tasks import InvoiceMailerCelery
 from tasks.pipeline import run_first_attempt
 
@@ -60,6 +59,8 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self.app: InvoiceMailerCelery = parent.app
         self._consumer: Any = None  # celery.worker.consumer.Consumer, set in start()
         self._prefetch = PREFETCH_PER_THREAD
+        self._paused = False
+        self._watch: Any = None
 
     def start(self, c: Any) -> None:
         if not isinstance(c.pool, ThreadPool):
@@ -71,9 +72,33 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self.app.settings.topology().declare(c.connection)
         super().start(c)
         self.app.runtime.ready = True
+        self.app.runtime.watch_health()
+        self._paused = False
+        self._watch = c.timer.call_repeatedly(1.0, self._follow_health)
+
+    def _follow_health(self) -> None:
+        """On the event loop: stop taking raw events while a dependency is unhealthy
+        for the fleet (they wait in the broker, not in this worker), resume after."""
+        reasons = self.app.runtime.paused_because
+        try:
+            if reasons and not self._paused:
+                for consumer in self.consumers or ():
+                    consumer.cancel()
+                self._paused = True
+                log.warning("intake paused: %s", "; ".join(reasons))
+            elif not reasons and self._paused:
+                for consumer in self.consumers or ():
+                    consumer.consume()
+                self._paused = False
+                log.warning("intake resumed")
+        except Exception:  # a channel gone mid-reconnect: the next tick tries again
+            log.warning("could not pause or resume intake", exc_info=True)
 
     def stop(self, c: Any) -> None:
         self.app.runtime.ready = False
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.cancel()
         super().stop(c)
 
     def shutdown(self, c: Any) -> None:
@@ -126,41 +151,16 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         content_encoding: str | None,
         invalid: InvalidEvent,
     ) -> None:
-        seen = glimpse(body)
-        source, event_id = seen.source, seen.event_id
-        publisher = self.app.runtime.publisher
-        publisher.dead_letter(
-            DeadLetter(
-                body=body,
-                content_type=content_type,
-                content_encoding=content_encoding,
-                code=invalid.code,
-                detail=invalid.detail,
-                attempts=0,
-            )
-        )
-        # An unreadable event is identified by its bytes: a redelivery maps to the same id.
-        cause_key = (
-            (source, event_id)
-            if source is not None and event_id is not None
-            else ("sha256", hashlib.sha256(body).hexdigest())
-        )
-        event = failed_event(
-            invoice=None,
+        rejected = reject(
+            self.app.runtime.publisher,
+            body,
+            invalid,
             provider=self.app.settings.billing_provider,
-            cause_key=cause_key,
-            reissued_event={"id": event_id, "source": source},
-            attempts=0,
-            reason={
-                "step": "validate",
-                "status": None,
-                "code": invalid.code,
-                "detail": invalid.detail,
-            },
+            content_type=content_type,
+            content_encoding=content_encoding,
         )
-        publisher.publish_event(event, EMAIL_FAILED)
         self._observe(
-            event_id, None, "validate", "invalid", code=invalid.code, detail=invalid.detail
+            rejected.event_id, None, "validate", "invalid", code=invalid.code, detail=invalid.detail
         )
 
     def _observe(

@@ -60,7 +60,9 @@ class Observers:
 # Steps that went as they should on the way to the event's outcome: logged at DEBUG,
 # so an event that goes well is one INFO line (its publication). A line costs about
 # 0.15 ms of worker CPU, a tenth of the whole event's (README, "Performance").
-_ROUTINE = frozenset({"accepted", "done"})
+# Waits behind an unhealthy dependency are routine too: the dependency's state change is
+# logged once (invoice_mailer.dependencies), not once per waiting event.
+_ROUTINE = frozenset({"accepted", "done", "paused", "unavailable"})
 
 
 class LoggingObserver:

@@ -21,6 +21,7 @@ re-publication after a crash is recognisable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -31,7 +32,8 @@ from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
 from invoice_mailer.clock import Offset, Placement, parse_iso, placement
-from invoice_mailer.errors import BillingError, PublishError, TransientError
+from invoice_mailer.dependencies import BUS, Dependencies, api, budget
+from invoice_mailer.errors import BillingError, PublishError, RateLimited, TransientError
 from invoice_mailer.events import (
     EMAIL_FAILED,
     EMAIL_QUEUED,
@@ -51,7 +53,7 @@ from invoice_mailer.policy import (
     whole_seconds,
 )
 from invoice_mailer.publishing import DeadLetter, Publisher
-from invoice_mailer.steps import Step, next_step
+from invoice_mailer.steps import API_STEPS, BUS_STEPS, Step, next_step
 
 __all__ = [
     "Done",
@@ -80,6 +82,10 @@ INVOICE_RECHECK_MAX_SECONDS = 30
 POISON_TAKEOVERS = 3
 # Stop trusting an Idempotency-Key this long before the API says it forgets it.
 IDEMPOTENCY_MARGIN_SECONDS = 600.0
+# A 429 with one of these codes speaks for the whole account, not for one invoice.
+ACCOUNT_RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "ERR_RATE_LIMIT"})
+# A reminder that the ledger is still down, per process, at most this often.
+LEDGER_REMINDER_SECONDS = 60.0
 
 Checkpoint = Callable[[str, Job], None]
 """Called with ``claimed``, ``resent`` and ``published`` as a run passes them."""
@@ -146,6 +152,8 @@ class _Run:
     record: Record
     resend_begun_at: float | None
     """Set when this run's claim marked the resend in flight: when the first began."""
+    probe: str | None = None
+    """The dependency this run is the one probe of, until its next call to it ends."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -169,6 +177,8 @@ class Pipeline:
         wall_clock: Callable[[], float] = time.time,
         checkpoint: Checkpoint | None = None,
         observer: Observer | None = None,
+        dependencies: Dependencies | None = None,
+        outage_max_wait_seconds: float = 172_800.0,
     ) -> None:
         self._provider = provider
         self._observer: Observer = observer or LoggingObserver()
@@ -181,6 +191,9 @@ class Pipeline:
         self._clock = clock
         self._now = wall_clock
         self._checkpoint = checkpoint or (lambda name, job: None)
+        self._deps = dependencies
+        self._outage_max_wait = outage_max_wait_seconds
+        self._ledger_down: list[float] = []  # [since, last reminder] while it is down
 
     def run(self, job: Job) -> Outcome:
         """Claim the event, then perform each step its record calls for, until one waits."""
@@ -198,6 +211,7 @@ class Pipeline:
             )
         except LedgerError as exc:
             return self.ledger_unavailable(job, exc)
+        self._ledger_back()
         if isinstance(claim, AlreadyDone):
             self._log(job, "claim", "duplicate", self._clock())
             return Duplicate(claim.record)
@@ -227,7 +241,7 @@ class Pipeline:
             if step in done:
                 raise RuntimeError(f"{step} again for {run.key!r}: the ledger kept no progress")
             done.add(step)
-            outcome = self._perform(step, run)
+            outcome = self._wait_for_dependencies(step, run) or self._perform(step, run)
             if outcome is not None:
                 return outcome
 
@@ -291,7 +305,7 @@ class Pipeline:
         assert since is not None  # set with resend_in_flight
         started = self._clock()
         try:
-            info = self._provider.email_info(run.job.event.invoice)
+            info = self._call(run, lambda: self._provider.email_info(run.job.event.invoice))
         except BillingError as error:
             return self._resend_failed(run, error, started)
         offset = self._provider.clock.offset()
@@ -378,9 +392,9 @@ class Pipeline:
             self._log(job, RESEND, "lease_lost", started, wait=1)
             return RetryLater(job, 1, RESEND, "lease_lost")
         try:
-            result = self._provider.resend(
-                job.event.invoice,
-                idempotency_key=idempotency_key(job.event, RESEND, scheme=run.record.id_scheme),
+            key = idempotency_key(job.event, RESEND, scheme=run.record.id_scheme)
+            result = self._call(
+                run, lambda: self._provider.resend(job.event.invoice, idempotency_key=key)
             )
         except BillingError as error:
             if not uncertain and not (isinstance(error, TransientError) and error.request_sent):
@@ -439,7 +453,7 @@ class Pipeline:
     def _email_info(self, run: _Run) -> Outcome | None:
         started = self._clock()
         try:
-            info = self._provider.email_info(run.job.event.invoice)
+            info = self._call(run, lambda: self._provider.email_info(run.job.event.invoice))
         except BillingError as error:
             decision = self._decide(run, EMAIL_INFO, error, started)
             if isinstance(decision, Retry):
@@ -487,7 +501,7 @@ class Pipeline:
             attempts=run.job.step_history(failure["step"]).attempts,
         )
         try:
-            self._publisher.dead_letter(letter)
+            self._publish(run, lambda: self._publisher.dead_letter(letter))
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
         run.record = self._ledger.record_dead_lettered(run.key, **self._lease(run))
@@ -509,7 +523,7 @@ class Pipeline:
             id_scheme=run.record.id_scheme,
         )
         try:
-            self._publisher.publish_event(event, EMAIL_FAILED)
+            self._publish(run, lambda: self._publisher.publish_event(event, EMAIL_FAILED))
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
         run.record = self._ledger.record_failed(run.key, event["id"], now=self._now())
@@ -553,7 +567,7 @@ class Pipeline:
         )
         started = self._clock()
         try:
-            self._publisher.publish_event(event, EMAIL_QUEUED)
+            self._publish(run, lambda: self._publisher.publish_event(event, EMAIL_QUEUED))
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
         run.record = self._ledger.record_published(run.key, event["id"], now=self._now())
@@ -568,6 +582,131 @@ class Pipeline:
         delay = whole_seconds(server_error_delay(history.attempts, self._policy, self._rng))
         self._log(run.job, PUBLISH, "publish_failed", started, code=exc.reason, wait=delay)
         return RetryLater(run.job.with_history(PUBLISH, history), delay, PUBLISH, "publish")
+
+    # -- shared dependency health ----------------------------------------------------------
+
+    def _wait_for_dependencies(self, step: Step, run: _Run) -> RetryLater | None:
+        """Before a step that calls the API or the bus: wait in the broker while that
+        dependency is unhealthy for the whole fleet, unless this run is its probe. The
+        wait uses none of the step's tries; an API outage longer than
+        ``outage_max_wait_seconds`` (all of the event's waits together) gives up."""
+        if self._deps is None:
+            return None
+        if step in API_STEPS:
+            names = [budget(self._provider.name), api(self._provider.name)]
+        elif step in BUS_STEPS:
+            names = [BUS]
+        else:
+            return None
+        for name in names:
+            gate = self._deps.check(name, run.owner)
+            if gate.probe:
+                run.probe = name
+            if gate.go:
+                continue
+            history = run.job.step_history("paused")
+            waited = history.rate_limited_seconds
+            delay = whole_seconds(gate.wait)
+            if name != BUS and waited + delay > self._outage_max_wait:
+                return self._give_up_waiting(run, name, gate.health, waited)
+            run.job = run.job.with_history(
+                "paused",
+                replace(
+                    history, attempts=history.attempts + 1, rate_limited_seconds=waited + delay
+                ),
+            )
+            self._log(run.job, str(step), "paused", self._clock(), code=name, wait=delay)
+            return RetryLater(run.job, delay, str(step), "paused", code=name)
+        return None
+
+    def _give_up_waiting(
+        self, run: _Run, name: str, health: Any, waited: float
+    ) -> RetryLater | None:
+        """An outage outlasted what the event may wait: give up, as for any step."""
+        step = RESEND if run.record.resend is None else EMAIL_INFO
+        detail = f"{name} unhealthy for {waited:.0f} s ({getattr(health, 'detail', None)})"
+        self._log(run.job, step, "gave_up", self._clock(), code="dependency_unavailable")
+        if run.record.resend is not None:
+            run.record = self._ledger.record_email_info(
+                run.key,
+                **self._lease(run),
+                email_info=None,
+                error=f"dependency_unavailable: {detail}",
+            )
+            return None
+        decision = GiveUp(
+            status=None,
+            code="dependency_unavailable",
+            detail=detail,
+            history=run.job.step_history(step),
+        )
+        self._give_up(run, step, decision)
+        return None
+
+    def _call(self, run: _Run, call: Callable[[], Any]) -> Any:
+        """One call to the billing API; its outcome tells the API's shared health."""
+        deps, name = self._deps, api(self._provider.name)
+        probe = run.probe == name
+        run.probe = None if probe else run.probe
+        invoice = run.job.event.invoice
+        try:
+            result = call()
+        except TransientError as error:
+            if deps is not None and (error.status is None or error.status >= 500):
+                deps.failed(
+                    name, invoice, f"{error.status or error.code} {error.detail}", probe=probe
+                )
+            elif deps is not None:
+                deps.succeeded(name, invoice, probe=probe)
+            raise
+        except RateLimited as error:
+            if deps is not None:
+                deps.succeeded(name, invoice, probe=probe)  # it answered: not an outage
+                if error.code in ACCOUNT_RATE_LIMIT_CODES and error.retry_after:
+                    deps.hold(
+                        budget(self._provider.name),
+                        self._now() + error.retry_after,
+                        f"429 {error.code}",
+                    )
+            raise
+        except BillingError:
+            if deps is not None:
+                deps.succeeded(name, invoice, probe=probe)
+            raise
+        if deps is not None:
+            deps.succeeded(name, invoice, probe=probe)
+        return result
+
+    def _publish(self, run: _Run, publish: Callable[[], None]) -> None:
+        """One publish; its outcome tells the bus's shared health."""
+        deps = self._deps
+        probe = run.probe == BUS
+        run.probe = None if probe else run.probe
+        try:
+            publish()
+        except PublishError as exc:
+            if deps is not None:
+                deps.failed(BUS, run.job.event.event_id, f"{exc.reason}: {exc.detail}", probe=probe)
+            raise
+        if deps is not None:
+            deps.succeeded(BUS, run.job.event.event_id, probe=probe)
+
+    def unhealthy(self) -> list[str]:
+        """The dependencies this process sees unhealthy (the ledger included), with why:
+        while any is, the consumer takes no new events."""
+        found = []
+        if self._ledger_down:
+            try:  # back? (no event may come to tell while intake waits for it)
+                self._ledger.health(BUS, time.time())
+                self._ledger_back()
+            except LedgerError:
+                down = time.time() - self._ledger_down[0]
+                found.append(f"ledger: unavailable for {down:.0f} s")
+        if self._deps is not None:
+            names = [budget(self._provider.name), api(self._provider.name), BUS]
+            with contextlib.suppress(LedgerError):  # the ledger says so at its next claim
+                found += [f"{h.dependency}: {h.detail}" for h in self._deps.unhealthy(names)]
+        return found
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -601,10 +740,23 @@ class Pipeline:
         )
 
     def ledger_unavailable(self, job: Job, exc: LedgerError) -> RetryLater:
+        """Wait for the ledger in the broker. Logged once when it goes, then every
+        ``LEDGER_REMINDER_SECONDS`` while it stays away, not once per event."""
         retry = wait_for_ledger(job, self._policy, self._rng)
-        log.error("ledger unavailable: %s", exc, extra={"event_id": job.event.event_id})
+        now = time.time()
+        if not self._ledger_down:
+            self._ledger_down[:] = [now, now]
+            log.error("ledger unavailable: %s; events wait in the broker", exc)
+        elif now - self._ledger_down[1] >= LEDGER_REMINDER_SECONDS:
+            self._ledger_down[1] = now
+            log.error("ledger still unavailable after %.0f s: %s", now - self._ledger_down[0], exc)
         self._log(job, LEDGER, "unavailable", self._clock(), wait=retry.delay_seconds)
         return retry
+
+    def _ledger_back(self) -> None:
+        if self._ledger_down:
+            log.warning("ledger available again after %.0f s", time.time() - self._ledger_down[0])
+            self._ledger_down.clear()
 
     def _release(self, run: _Run) -> None:
         try:

@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from invoice_mailer.ledger import Record
 
-__all__ = ["Step", "next_step"]
+__all__ = ["API_STEPS", "BUS_STEPS", "Step", "next_step"]
 
 
 class Step(StrEnum):
@@ -35,6 +35,12 @@ class Step(StrEnum):
     PUBLISH_FAILED = "publish_failed"
     PUBLISH_QUEUED = "publish_queued"
     DONE = "done"
+
+
+API_STEPS = frozenset({Step.FIND_RESEND, Step.RESEND, Step.EMAIL_INFO})
+"""Steps that call the billing API."""
+BUS_STEPS = frozenset({Step.DEAD_LETTER, Step.PUBLISH_FAILED, Step.PUBLISH_QUEUED})
+"""Steps that publish to the broker."""
 
 
 def next_step(record: Record, *, has_email_info: bool) -> Step:

@@ -9,6 +9,7 @@ that cleans it, applied where API text enters (``billing._http.send``, on every
 error body's problem, and the clients' 2xx bodies): every configured secret
 masked in each form it travels in, email addresses masked (no contract field
 asks for one in an error), control characters replaced, the length bounded.
+``Redactor.scrub`` masks the same in whole payloads (Sentry's events, uncut).
 
 Hand-written because the forms are ours to know: a generic secret scanner guesses
 at shapes of keys, while this masks exactly the values configured.
@@ -22,13 +23,13 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-__all__ = ["MASK", "Redactor"]
+__all__ = ["EMAIL", "MASK", "Redactor"]
 
 MASK = "[redacted]"
 MAX_TEXT = 300
 # Shorter values are not masked: they would match ordinary text ("a", "ab").
 MIN_SECRET = 4
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
@@ -62,11 +63,22 @@ class Redactor:
         """``value`` safe to publish, record and log; ``emails=False`` keeps addresses."""
         cleaned = self.secrets(value)
         if emails:
-            cleaned = _EMAIL.sub(MASK, cleaned)
+            cleaned = EMAIL.sub(MASK, cleaned)
         cleaned = _CONTROL.sub(" ", cleaned)
         if len(cleaned) > limit:
             cleaned = cleaned[: limit - 1] + "…"
         return cleaned
+
+    def scrub(self, value: Any) -> Any:
+        """Secrets and addresses masked in every string of ``value`` (nested dicts, lists),
+        nothing cut: for whole payloads that leave the process (Sentry's events)."""
+        if isinstance(value, str):
+            return EMAIL.sub(MASK, self.secrets(value))
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.scrub(v) for v in value)
+        return value
 
     def secrets(self, value: str) -> str:
         """``value`` with every form of every secret masked, nothing else changed."""

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     log_format: Literal["console", "json"] = "console"
     email_info_lag_seconds: float = Field(default=5.0, ge=0, le=3600)
+    retry_outage_max_wait_seconds: float | None = Field(default=None, ge=0)
 
     @field_validator("celery_broker_url")
     @classmethod
@@ -113,6 +114,12 @@ class Settings(BaseSettings):
             "username": self.abillify_username,
             "password": self.abillify_password.get_secret_value(),
         }
+
+    def outage_max_wait_seconds(self) -> float:
+        """How long one event may wait, in all, on an unhealthy billing API."""
+        if self.retry_outage_max_wait_seconds is not None:
+            return self.retry_outage_max_wait_seconds
+        return self.retry_rate_limit_max_wait_seconds
 
     def resend_settles_seconds(self) -> float:
         """After a resend's try began, how long until email-info must list its email:

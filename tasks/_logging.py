@@ -14,7 +14,7 @@ from typing import Any
 from celery import signals
 from pythonjsonlogger.json import JsonFormatter
 
-from tasks._sentry import EMAIL
+from invoice_mailer.untrusted import EMAIL
 
 __all__ = ["MaskAddresses", "configure_logging"]
 

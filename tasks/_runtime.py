@@ -16,10 +16,17 @@ import httpx
 
 from broker import EventPublisher
 from invoice_mailer.billing import build_http_client, build_provider
+from invoice_mailer.dependencies import Dependencies
 from invoice_mailer.job import Job
 from invoice_mailer.ledger import Ledger, LedgerError, open_ledger
 from invoice_mailer.observe import LoggingObserver, Observer, Observers
-from invoice_mailer.pipeline import Checkpoint, Pipeline, RetryLater, wait_for_ledger
+from invoice_mailer.pipeline import (
+    LEDGER_REMINDER_SECONDS,
+    Checkpoint,
+    Pipeline,
+    RetryLater,
+    wait_for_ledger,
+)
 from settings import Settings
 from tasks._metrics import MetricsObserver
 
@@ -60,7 +67,13 @@ class Runtime:
         self._ledger: Ledger | None = None
         self._pipeline: Pipeline | None = None
         self._ledger_failed: tuple[float, LedgerError] | None = None
+        self._ledger_logged_at = -LEDGER_REMINDER_SECONDS
+        self._ledger_down_since = 0.0
         self._rng = random.Random()
+        self.paused_because: list[str] = []
+        """Unhealthy dependencies, refreshed by ``watch_health``: intake waits while any."""
+        self._watcher: threading.Thread | None = None
+        self._stop_watch = threading.Event()
 
     @property
     def publisher(self) -> EventPublisher:
@@ -81,12 +94,46 @@ class Runtime:
         return self._pipeline
 
     def wait_for_ledger(self, job: Job, exc: LedgerError) -> RetryLater:
-        """The job's retry while the ledger cannot even be opened."""
+        """The job's retry while the ledger cannot even be opened (logged once a minute)."""
         retry = wait_for_ledger(job, self.settings.retry_policy(), self._rng)
-        log.error("ledger unavailable: %s", exc, extra={"event_id": job.event.event_id})
+        now = time.monotonic()
+        if now - self._ledger_logged_at >= LEDGER_REMINDER_SECONDS:
+            self._ledger_logged_at = now
+            log.error("ledger unavailable: %s; events wait in the broker", exc)
         return retry
 
+    def unhealthy(self) -> list[str]:
+        """What keeps this process from making progress (empty when nothing does)."""
+        if self._ledger_failed is not None:
+            return [f"ledger: {self._ledger_failed[1]}"]
+        if self._pipeline is None:
+            return []
+        return self._pipeline.unhealthy()
+
+    def watch_health(self, every: float = 1.0) -> None:
+        """Keep ``paused_because`` current from a thread of its own: the consumer reads
+        it on the event loop, which must never wait on the ledger's database. It also
+        retries opening a ledger that could not be opened, since with intake paused no
+        event may come to do it."""
+
+        def loop() -> None:
+            while not self._stop_watch.wait(every):
+                try:
+                    if self._ledger_failed is not None or self._pipeline is not None:
+                        self._ensure()
+                    self.paused_because = self.unhealthy()
+                except LedgerError as exc:
+                    self.paused_because = [f"ledger: {exc}"]
+                except Exception:
+                    log.exception("health watch failed; trying again")
+
+        if self._watcher is None or not self._watcher.is_alive():
+            self._stop_watch.clear()
+            self._watcher = threading.Thread(target=loop, name="health-watch", daemon=True)
+            self._watcher.start()
+
     def close(self) -> None:
+        self._stop_watch.set()
         with self._lock:
             if self._http is not None:
                 self._http.close()
@@ -113,8 +160,13 @@ class Runtime:
             try:
                 self._ledger = open_ledger(self.settings.ledger_url)
             except LedgerError as exc:
+                if self._ledger_failed is None:
+                    self._ledger_down_since = time.monotonic()
                 self._ledger_failed = (time.monotonic(), exc)
                 raise
+            if self._ledger_failed is not None:
+                down = time.monotonic() - self._ledger_down_since
+                log.warning("ledger available again after %.0f s", down)
             self._ledger_failed = None
             self._http = build_http_client(
                 self.settings.http_config(max_connections=self._max_connections)
@@ -135,5 +187,7 @@ class Runtime:
                 resend_settles_seconds=self.settings.resend_settles_seconds(),
                 checkpoint=self.checkpoint,
                 observer=self.observer,
+                dependencies=Dependencies(self._ledger),
+                outage_max_wait_seconds=self.settings.outage_max_wait_seconds(),
             )
             self._pid = os.getpid()

@@ -9,21 +9,17 @@ fingerprinted by provider and code so each cause is one Sentry issue.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from typing import Any
-
 import sentry_sdk
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 from sentry_sdk.transport import Transport
 
 from invoice_mailer.observe import StepRecord
+from invoice_mailer.untrusted import Redactor
 from settings import Settings
 
-__all__ = ["SentryObserver", "init_sentry", "scrub"]
+__all__ = ["SentryObserver", "init_sentry", "redactor"]
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # Keys whose values Sentry must never see, besides its own list.
 DENYLIST = [
     *DEFAULT_DENYLIST,
@@ -49,7 +45,7 @@ def init_sentry(settings: Settings, *, transport: Transport | None = None) -> No
     """Start Sentry if ``SENTRY_DSN`` is set (``transport`` is the test seam)."""
     if settings.sentry_dsn is None:
         return
-    secrets = _secrets(settings)
+    masks = redactor(settings)
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
         environment=settings.sentry_environment,
@@ -61,8 +57,8 @@ def init_sentry(settings: Settings, *, transport: Transport | None = None) -> No
         # No sentry-trace/baggage headers to the billing APIs (or anywhere).
         trace_propagation_targets=[],
         traces_sample_rate=0.0,
-        before_send=lambda event, hint: scrub(event, secrets),
-        before_breadcrumb=lambda crumb, hint: scrub(crumb, secrets),
+        before_send=lambda event, hint: masks.scrub(event),
+        before_breadcrumb=lambda crumb, hint: masks.scrub(crumb),
         transport=transport,
     )
 
@@ -90,28 +86,14 @@ class SentryObserver:
             )
 
 
-def scrub(payload: Any, secrets: Iterable[str] = ()) -> Any:
-    """Replace e-mail addresses and known secret values anywhere in ``payload``."""
-    secrets = [s for s in secrets if s]
-    return _walk(payload, secrets)
-
-
-def _walk(value: Any, secrets: list[str]) -> Any:
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "[secret]")
-        return EMAIL.sub("[email]", value)
-    if isinstance(value, dict):
-        return {k: _walk(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_walk(v, secrets) for v in value)
-    return value
-
-
-def _secrets(settings: Settings) -> list[str]:
-    values = [settings.hostup_api_key, settings.abillify_password, settings.flower_basic_auth]
+def redactor(settings: Settings) -> Redactor:
+    """Every secret of the settings, in every form it travels in (``untrusted.Redactor``)."""
+    values = [settings.hostup_api_key, settings.flower_basic_auth]
     found = [v.get_secret_value() for v in values if v is not None]
     if "@" in settings.celery_broker_url and "://" in settings.celery_broker_url:
         credentials = settings.celery_broker_url.split("://", 1)[1].split("@", 1)[0]
         found.append(credentials.split(":", 1)[-1])
-    return found
+    basic = None
+    if settings.abillify_password is not None:
+        basic = (settings.abillify_username or "", settings.abillify_password.get_secret_value())
+    return Redactor(found, basic=basic)

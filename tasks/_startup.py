@@ -57,7 +57,11 @@ class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
             ]
         )
         try:
-            self._server = serve_metrics(port, registry=registry, ready=lambda: app.runtime.ready)
+            self._server = serve_metrics(
+                port,
+                registry=registry,
+                ready=lambda: app.runtime.ready and not app.runtime.paused_because,
+            )
         except OSError as exc:
             log.info("metrics not served by this process (port %s: %s)", port, exc.strerror)
             return

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from invoice_mailer.billing import ResendResult
 from invoice_mailer.errors import LedgerError
+from invoice_mailer.health import HealthStore
 
 __all__ = [
     "AlreadyDone",
@@ -145,8 +146,9 @@ class Busy:
 Claim = Claimed | AlreadyDone | Busy
 
 
-class Ledger(Protocol):
-    """Both backends (SQLite, PostgreSQL) implement exactly this."""
+class Ledger(HealthStore, Protocol):
+    """Both backends (SQLite, PostgreSQL) implement exactly this; the ledger's database
+    also keeps the fleet's shared dependency health (``invoice_mailer.health``)."""
 
     def claim(
         self,

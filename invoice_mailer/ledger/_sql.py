@@ -15,6 +15,7 @@ from typing import Any
 
 from invoice_mailer.billing import ResendResult
 from invoice_mailer.events import ID_SCHEME
+from invoice_mailer.health import Health, State, healthy
 from invoice_mailer.ledger._base import (
     FAILED,
     OPEN,
@@ -30,6 +31,7 @@ from invoice_mailer.ledger._base import (
 )
 
 TABLE = "invoice_mailer_ledger"
+HEALTH_TABLE = "invoice_mailer_health"
 
 # Ordered; never edit one that has shipped, add the next.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -94,6 +96,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             f"CREATE INDEX {TABLE}_invoice ON {TABLE} (provider, invoice)",
         ],
     ),
+    (
+        5,
+        [
+            # Shared dependency health (invoice_mailer.health): one row per dependency.
+            f"""CREATE TABLE {HEALTH_TABLE} (
+                dependency TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                since DOUBLE PRECISION NOT NULL,
+                retry_at DOUBLE PRECISION,
+                failed_probes INTEGER NOT NULL DEFAULT 0,
+                probe_owner TEXT,
+                probe_until DOUBLE PRECISION,
+                detail TEXT,
+                next_slot DOUBLE PRECISION
+            )""",
+        ],
+    ),
 ]
 SCHEMA_TABLE = "invoice_mailer_schema"
 
@@ -108,8 +127,9 @@ _SETTLED = "holds_invoice = NULL"
 # One statement: insert the event, or take its lease if it is free, expired or ours
 # already. A row comes back only when this run holds the lease. resend_in_flight counts
 # runs that began a resend without a definite answer: a claim that begins one adds
-# itself, so more than one means an earlier run's resend is uncertain. (Every write is
-# a round trip: one, not two.) Beginning a resend takes the invoice's slot
+# itself, so more than one means an earlier run's resend is uncertain (and its last try
+# keeps its start: this run looks for it first). (Every write is a round trip: one, not
+# two.) Beginning a resend takes the invoice's slot
 # (holds_invoice); the unique index refuses it while another event of the invoice holds it.
 _BEGINS = f"""(:begin = 1 AND {TABLE}.resend IS NULL AND {TABLE}.failure IS NULL)"""
 _CLAIM = f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
@@ -127,7 +147,7 @@ _CLAIM = f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
         resend_first_started_at = CASE WHEN {_BEGINS}
             THEN COALESCE({TABLE}.resend_first_started_at, :now)
             ELSE {TABLE}.resend_first_started_at END,
-        resend_last_started_at = CASE WHEN {_BEGINS}
+        resend_last_started_at = CASE WHEN {_BEGINS} AND {TABLE}.resend_in_flight = 0
             THEN :now ELSE {TABLE}.resend_last_started_at END,
         holds_invoice = CASE WHEN {_BEGINS} THEN 1 ELSE {TABLE}.holds_invoice END,
         lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
@@ -385,9 +405,80 @@ class SqlLedger(ABC):
         rows = self._execute(f"SELECT state, COUNT(*) AS n FROM {TABLE} GROUP BY state", {})
         return {r["state"]: int(r["n"]) for r in rows}
 
+    # -- shared dependency health (invoice_mailer.health.HealthStore) -------------------
+
+    def health(self, dependency: str, now: float) -> Health:
+        rows = self._execute(
+            f"SELECT * FROM {HEALTH_TABLE} WHERE dependency = :dependency",
+            {"dependency": dependency},
+        )
+        return _health(rows[0]) if rows else healthy(dependency, now)
+
+    def put(self, health: Health, *, expect: State | None = None) -> bool:
+        params = {
+            "dependency": health.dependency,
+            "state": str(health.state),
+            "since": health.since,
+            "retry_at": health.retry_at,
+            "failed_probes": health.failed_probes,
+            "probe_owner": health.probe_owner,
+            "probe_until": health.probe_until,
+            "detail": health.detail,
+            "expect": None if expect is None else str(expect),
+        }
+        rows = self._execute(
+            f"""INSERT INTO {HEALTH_TABLE} (dependency, state, since, retry_at, failed_probes,
+                    probe_owner, probe_until, detail)
+                VALUES (:dependency, :state, :since, :retry_at, :failed_probes,
+                    :probe_owner, :probe_until, :detail)
+                ON CONFLICT (dependency) DO UPDATE SET state = :state, since = :since,
+                    retry_at = :retry_at, failed_probes = :failed_probes,
+                    probe_owner = :probe_owner, probe_until = :probe_until, detail = :detail
+                WHERE CAST(:expect AS TEXT) IS NULL OR {HEALTH_TABLE}.state = :expect
+                RETURNING dependency""",
+            params,
+        )
+        return bool(rows)
+
+    def take_probe(self, dependency: str, owner: str, now: float, lease: float) -> bool:
+        rows = self._execute(
+            f"""UPDATE {HEALTH_TABLE} SET state = 'probing', probe_owner = :owner,
+                    probe_until = :until
+                WHERE dependency = :dependency
+                  AND ((state = 'open' AND (retry_at IS NULL OR retry_at <= :now))
+                       OR (state = 'probing' AND (probe_until IS NULL OR probe_until <= :now)))
+                RETURNING dependency""",
+            {"dependency": dependency, "owner": owner, "now": now, "until": now + lease},
+        )
+        return bool(rows)
+
+    def reserve(self, dependency: str, not_before: float, interval: float) -> float:
+        rows = self._execute(
+            f"""UPDATE {HEALTH_TABLE} SET next_slot = CASE
+                        WHEN next_slot IS NOT NULL AND next_slot > :not_before
+                        THEN next_slot ELSE :not_before END + :interval
+                WHERE dependency = :dependency
+                RETURNING next_slot""",
+            {"dependency": dependency, "not_before": not_before, "interval": interval},
+        )
+        return float(rows[0]["next_slot"]) - interval if rows else not_before
+
     def _get(self, key: EventKey) -> Record | None:
         rows = self._execute(f"SELECT * FROM {TABLE} WHERE {_KEY}", _key(key))
         return Record.from_row(rows[0]) if rows else None
+
+
+def _health(row: dict[str, Any]) -> Health:
+    return Health(
+        dependency=row["dependency"],
+        state=State(row["state"]),
+        since=float(row["since"]),
+        retry_at=row["retry_at"],
+        failed_probes=int(row["failed_probes"] or 0),
+        probe_owner=row["probe_owner"],
+        probe_until=row["probe_until"],
+        detail=row["detail"],
+    )
 
 
 def _resend_json(result: ResendResult | None) -> str | None:

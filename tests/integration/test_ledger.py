@@ -470,3 +470,32 @@ _CLAIM_0_2 = """INSERT INTO invoice_mailer_ledger (source, event_id, invoice, pr
     VALUES (:source, :event_id, :invoice, :provider, 'open',
         :owner, :expires, :begin, CASE WHEN :begin = 1 THEN :now END, :now, :now)
     RETURNING *"""
+
+
+def test_shared_health_is_one_row_per_dependency_changed_by_conditional_writes(
+    ledger: Ledger,
+) -> None:
+    """The fleet's dependency health lives beside the ledger: two processes that both see
+    an outage open it once; one probe at a time; reservations spread waiting events."""
+    from invoice_mailer.health import BreakerPolicy, State, gate, healthy, on_probe, opened
+
+    policy = BreakerPolicy()
+    assert ledger.health("api:hostup", T0).ok
+    first = opened(healthy("api:hostup", T0), T0, "503", policy)
+    assert ledger.put(first, expect=State.HEALTHY)
+    assert not ledger.put(
+        opened(healthy("api:hostup", T0), T0 + 1, "503", policy), expect=State.HEALTHY
+    )
+    stored = ledger.health("api:hostup", T0 + 1)
+    assert (stored.state, stored.retry_at, stored.detail) == (State.OPEN, first.retry_at, "503")
+    assert not ledger.take_probe("api:hostup", "a", T0 + 1, 30)  # not due yet
+    assert ledger.take_probe("api:hostup", "a", T0 + 2, 30)
+    assert not ledger.take_probe("api:hostup", "b", T0 + 2, 30)  # one probe at a time
+    assert ledger.take_probe("api:hostup", "b", T0 + 33, 30)  # the holder's lease ran out
+    probing = ledger.health("api:hostup", T0 + 33)
+    assert (probing.state, probing.probe_owner) == (State.PROBING, "b")
+    assert ledger.put(on_probe(probing, True, T0 + 34, "ok", policy), expect=State.PROBING)
+    assert ledger.health("api:hostup", T0 + 34).ok
+    ledger.put(gate("budget:hostup", T0 + 5, T0, "429"))
+    slots = [ledger.reserve("budget:hostup", T0 + 5, 0.5) for _ in range(3)]
+    assert slots == [T0 + 5, T0 + 5.5, T0 + 6]

@@ -8,6 +8,7 @@ Celery tools see of a first attempt: ``inspect active``, ``revoke``, task events
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -125,9 +126,9 @@ def test_with_nothing_bound_downstream_a_given_up_event_has_one_dead_letter_and_
 def test_a_ledger_down_when_the_worker_starts_makes_events_wait_then_complete(
     start_worker: StartWorker, bus: Bus, sandbox: Sandbox, postgres_url: str
 ) -> None:
-    """PostgreSQL unreachable as the worker takes its first 20 events: they wait (the
-    worker retries them), and once it is back each is done once: no email_failed, no
-    dead letter, one POST per invoice."""
+    """PostgreSQL unreachable for 15 s as the worker takes its first 20 events: they wait
+    (in the broker), and once it is back each is done once: no email_failed, no dead
+    letter, one POST per invoice; and the outage is a few log lines, not one per event."""
     gate = TcpGate(PG_PORT)
     gated_url = postgres_url.replace(f":{PG_PORT}/", f":{gate.port}/")
     worker = start_worker(concurrency=8, LEDGER_URL=gated_url, **QUICK)
@@ -135,10 +136,9 @@ def test_a_ledger_down_when_the_worker_starts_makes_events_wait_then_complete(
     for invoice in invoices:
         bus.reissue(invoice)
     wait_until(
-        lambda: worker.log().count("ledger unavailable") >= 20,
-        timeout=60,
-        what="every event told the ledger is unavailable",
+        lambda: "ledger unavailable" in worker.log(), timeout=60, what="the ledger seen down"
     )
+    time.sleep(15)  # the outage itself: how long the ledger stays away
     assert sandbox.requests(endpoint="resend") == []  # nothing is sent without the ledger
     gate.open()
     try:
@@ -149,7 +149,14 @@ def test_a_ledger_down_when_the_worker_starts_makes_events_wait_then_complete(
     assert sorted(e["data"]["invoiceId"] for e in out) == sorted(invoices)
     assert len(sandbox.requests(endpoint="resend")) == 20
     assert bus.dead_letters() == []
-    assert "unexpected error" not in worker.log()
+    log = worker.log()
+    assert "unexpected error" not in log
+    about = [line for line in log.splitlines() if "ledger" in line and "unavailable" in line]
+    loud = [line for line in log.splitlines() if "WARNING/" in line or "ERROR/" in line]
+    print(f"ledger down 15 s, 20 events: {len(about)} lines say so, {len(loud)} warnings in all")
+    assert 1 <= len(about) <= 3
+    assert len(loud) <= 20  # psycopg_pool's reconnect attempts, a pause and a resume
+    assert "ledger available again" in log
 
 
 def _inspect(broker_url: str, what: str) -> dict[str, list[dict[str, Any]]]:

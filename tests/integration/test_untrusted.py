@@ -1,13 +1,17 @@
 """An API that echoes the request's credentials in its errors, against a real worker:
-the secret, in every form it travels in, reaches no event, dead letter, ledger or log."""
+the secret, in every form it travels in, reaches no event, dead letter, ledger, log or
+Sentry envelope."""
 
 from __future__ import annotations
 
 import base64
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
+
+import pytest
 
 from sandbox import (
     DEFAULT_ABILLIFY_PASSWORD,
@@ -17,7 +21,8 @@ from sandbox import (
     Sandbox,
 )
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, new_invoice
+from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.sentry import SentryCollector
 
 QUICK = {
     "HTTP_TIMEOUT_SECONDS": "2",
@@ -28,14 +33,25 @@ QUICK = {
 BASIC = base64.b64encode(f"{DEFAULT_ABILLIFY_USER}:{DEFAULT_ABILLIFY_PASSWORD}".encode()).decode()
 
 
+@pytest.fixture
+def sentry() -> Iterator[SentryCollector]:
+    with SentryCollector() as collector:
+        yield collector
+
+
 def _forms(*secrets: str) -> set[str]:
     return {f(s) for s in secrets for f in (str, lambda v: quote(v, safe=""), quote_plus)}
 
 
-def _everything_written(bus: Bus, events: list[dict[str, object]], tmp_path: Path) -> str:
-    """Events out, dead letters (bodies and headers), the ledger's files, worker logs."""
+def _everything_written(
+    bus: Bus, events: list[dict[str, object]], tmp_path: Path, sentry: SentryCollector
+) -> str:
+    """Events out, dead letters (bodies and headers), the ledger's files, worker logs and
+    the Sentry envelopes of the give-ups (one each, sent in the background)."""
+    failed = sum(1 for e in events if e["type"] == "invoice.email_failed")
+    wait_until(lambda: len(sentry.envelopes) >= failed, timeout=30, what="Sentry envelopes")
     letters = bus.dead_letters()
-    parts = [json.dumps(events)]
+    parts = [json.dumps(events), sentry.text()]
     parts += [
         letter.body.decode("utf-8", "replace") + json.dumps(letter.headers) for letter in letters
     ]
@@ -46,11 +62,15 @@ def _everything_written(bus: Bus, events: list[dict[str, object]], tmp_path: Pat
 
 
 def test_hostup_errors_echoing_the_bearer_key_leak_it_nowhere(
-    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, tmp_path: Path
+    start_worker: StartWorker,
+    bus: Bus,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    sentry: SentryCollector,
 ) -> None:
     """401 and 500 (until given up) on resend, 500 on email-info, each echoing the
     request's headers: every outcome says what happened, and the key is nowhere."""
-    start_worker(concurrency=4, **QUICK)
+    start_worker(concurrency=4, SENTRY_DSN=sentry.dsn, **QUICK)
     rejected, failing, info_failing = new_invoice(), new_invoice(), new_invoice()
     echo = {"echo_headers": True}
     sandbox.script(rejected, "resend", [Fault(status=401, **echo)])
@@ -64,8 +84,9 @@ def test_hostup_errors_echoing_the_bearer_key_leak_it_nowhere(
     assert "[redacted]" in by_invoice[rejected]["data"]["reason"]["detail"]
     assert by_invoice[failing]["data"]["reason"]["status"] == 500
     assert "[redacted]" in by_invoice[info_failing]["data"]["emailInfoError"]
-    written = _everything_written(bus, events, tmp_path)
+    written = _everything_written(bus, events, tmp_path, sentry)
     assert "Authorization" in written  # the echo really travelled this far, masked
+    assert "unauthorized" in sentry.text()
     leaked = [form for form in _forms(DEFAULT_API_KEY) if form in written]
     assert leaked == []
 
@@ -76,10 +97,11 @@ def test_abillify_errors_echoing_basic_credentials_leak_them_nowhere(
     sandbox: Sandbox,
     tmp_path: Path,
     abillify: dict[str, str],
+    sentry: SentryCollector,
 ) -> None:
     """401 and 500 (until given up) echoing the Basic header: neither the password nor
     its base64 token, raw or URL-encoded, is anywhere."""
-    start_worker(concurrency=4, **QUICK, **abillify)
+    start_worker(concurrency=4, SENTRY_DSN=sentry.dsn, **QUICK, **abillify)
     rejected, failing = (f"RE-{uuid.uuid4().hex[:10]}" for _ in range(2))
     sandbox.script(rejected, "resend", [Fault(status=401, echo_headers=True)])
     sandbox.script(failing, "resend", [Fault(status=500, echo_headers=True)] * 2)
@@ -88,6 +110,7 @@ def test_abillify_errors_echoing_basic_credentials_leak_them_nowhere(
     events = bus.wait_for(2, timeout=60)
     assert {e["type"] for e in events} == {"invoice.email_failed"}
     assert all("[redacted]" in e["data"]["reason"]["detail"] for e in events)
-    written = _everything_written(bus, events, tmp_path)
+    written = _everything_written(bus, events, tmp_path, sentry)
+    assert "ERR_UNAUTHORIZED" in sentry.text()
     leaked = [form for form in _forms(DEFAULT_ABILLIFY_PASSWORD, BASIC) if form in written]
     assert leaked == []

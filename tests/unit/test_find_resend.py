@@ -8,7 +8,7 @@ are in tests/integration/test_reconcile.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -44,7 +44,12 @@ def http() -> Iterator[httpx.Client]:
 
 
 def _pipeline(
-    ledger: Ledger, http: httpx.Client, url: str, *, settles: float = 0.0
+    ledger: Ledger,
+    http: httpx.Client,
+    url: str,
+    *,
+    settles: float = 0.0,
+    wall_clock: Callable[[], float] = time.time,
 ) -> tuple[Pipeline, InMemoryPublisher]:
     """A pipeline with a fresh HostUp client: a worker that knows nothing of the API's clock."""
     publisher = InMemoryPublisher()
@@ -55,6 +60,7 @@ def _pipeline(
         policy=RetryPolicy(server_error_base_seconds=1),
         lease_seconds=30,
         resend_settles_seconds=settles,
+        wall_clock=wall_clock,
     )
     return pipeline, publisher
 
@@ -117,6 +123,41 @@ def test_a_resend_that_never_arrived_is_sent_once_email_info_cannot_list_it(
     assert isinstance(outcome, Done)
     assert len(emails) == 2
     assert outcome.event["data"]["queuedAt"] == emails[1]["createdAt"]
+
+
+def test_an_unlisted_resend_is_sent_again_once_it_has_settled(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """Not listed right after the lost POST: wait. Still not listed once email-info has had
+    ``resend_settles_seconds`` since that POST: it never arrived; sent again (once)."""
+    wall = _Wall()
+    with Sandbox() as sb:
+        pipeline, _ = _pipeline(ledger, http, sb.hostup_url, settles=15, wall_clock=wall)
+        sb.script(INVOICE, "resend", [NEVER_ARRIVED])
+        first = pipeline.run(_job("evt_new"))
+        assert isinstance(first, RetryLater)
+        wall.now += 1
+        waiting = pipeline.run(first.job)
+        assert isinstance(waiting, RetryLater)
+        assert waiting.kind == "uncertain_unlisted"
+        assert waiting.delay_seconds == 14
+        wall.now += 14
+        outcome = pipeline.run(waiting.job)
+        posts = sb.requests(invoice=INVOICE, endpoint="resend")
+        emails = sb.emails(INVOICE)
+    assert isinstance(outcome, Done)
+    assert len(posts) == 2
+    assert len(emails) == 1
+
+
+class _Wall:
+    """Our wall clock, moved by the test (the API's clock is the sandbox's own)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_until_email_info_could_list_it_an_unlisted_resend_waits(

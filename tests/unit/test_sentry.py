@@ -173,5 +173,42 @@ def test_no_payload_carries_keys_authorization_or_addresses(
         "Bearer hk_",
     ):
         assert secret not in raw
-    assert "[email]" in raw
-    assert "[secret]" in raw
+    assert "[redacted]" in raw
+
+
+def test_abillify_basic_credentials_reach_sentry_in_no_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one Redactor scrubs Sentry's payloads: an echoed Basic header (base64, raw,
+    URL-encoded) in a log line and an exception reaches no envelope."""
+    import base64
+
+    user, password = "acme-ops", "s3cret-Pa55word"
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    for name, value in {
+        "BILLING_PROVIDER": "abillify",
+        "ABILLIFY_USERNAME": user,
+        "ABILLIFY_PASSWORD": password,
+        "SENTRY_DSN": "https://publickey@sentry.invalid/1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    transport = CapturingTransport()
+    init_sentry(load(), transport=transport)
+    try:
+        logging.getLogger("invoice_mailer.test").error(
+            "upstream said: request headers {'Authorization': 'Basic %s'} as sent: %s",
+            token,
+            quote(f"Basic {token}", safe=""),
+        )
+        try:
+            raise RuntimeError(f"echo of {user}:{password} and {quote(password, safe='')}")
+        except RuntimeError:
+            sentry_sdk.capture_exception()
+        sentry_sdk.flush()
+    finally:
+        sentry_sdk.get_client().close()
+    raw = transport.raw()
+    assert len(transport.events()) == 2
+    for form in (password, token, token.rstrip("="), quote(token, safe=""), quote(password)):
+        assert form not in raw
+    assert "[redacted]" in raw

@@ -37,7 +37,12 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-OPERATIONS_VARIABLES = {"METRICS_PORT", "LOG_FORMAT", "EMAIL_INFO_LAG_SECONDS"}
+OPERATIONS_VARIABLES = {
+    "METRICS_PORT",
+    "LOG_FORMAT",
+    "EMAIL_INFO_LAG_SECONDS",
+    "RETRY_OUTAGE_MAX_WAIT_SECONDS",
+}
 
 
 def test_every_contract_variable_is_a_setting() -> None:

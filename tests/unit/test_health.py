@@ -1,0 +1,143 @@
+"""Dependency health: the transitions as a table, outage detection, the shared gate."""
+
+from __future__ import annotations
+
+import pytest
+
+from invoice_mailer.dependencies import Dependencies
+from invoice_mailer.health import (
+    BreakerPolicy,
+    Health,
+    InMemoryHealthStore,
+    Outcomes,
+    State,
+    gate,
+    healthy,
+    on_probe,
+    opened,
+)
+
+T0 = 1_800_000_000.0
+POLICY = BreakerPolicy(probe_first_seconds=2, probe_max_seconds=30)
+OPEN_0 = Health("api:hostup", State.OPEN, since=T0, retry_at=T0 + 2, detail="503")
+PROBING_0 = Health("api:hostup", State.PROBING, since=T0, retry_at=T0 + 2, probe_owner="p")
+PROBING_3 = Health("api:hostup", State.PROBING, since=T0, failed_probes=3, probe_owner="p")
+
+
+@pytest.mark.parametrize(
+    ("before", "event", "state", "retry_in", "failed_probes", "since"),
+    [
+        # An outage seen while healthy: open, first probe after 2 s.
+        (healthy("api:hostup", T0), "outage", State.OPEN, 2, 0, T0 + 10),
+        # The probe failed: open again, the wait doubled; the outage keeps its start.
+        (PROBING_0, "probe_failed", State.OPEN, 4, 1, T0),
+        (PROBING_3, "probe_failed", State.OPEN, 30, 4, T0),  # capped
+        # The probe succeeded: healthy, from now.
+        (PROBING_3, "probe_ok", State.HEALTHY, None, 0, T0 + 10),
+    ],
+)
+def test_transitions(
+    before: Health,
+    event: str,
+    state: State,
+    retry_in: float | None,
+    failed_probes: int,
+    since: float,
+) -> None:
+    now = T0 + 10
+    if event == "outage":
+        after = opened(before, now, "503", POLICY)
+    else:
+        after = on_probe(before, event == "probe_ok", now, "503", POLICY)
+    assert after.state is state
+    assert (after.retry_at - now if after.retry_at else None) == retry_in
+    assert after.failed_probes == failed_probes
+    assert after.since == since
+
+
+def test_a_gate_is_open_until_the_named_moment() -> None:
+    held = gate("budget:hostup", T0 + 5, T0, "429 rate_limit_exceeded")
+    assert (held.state, held.retry_at) == (State.OPEN, T0 + 5)
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "outage"),
+    [
+        ([(False, "a")] * 5, False),  # one invoice failing alone: its own problem
+        ([(False, k) for k in "abcde"], True),
+        ([(False, k) for k in "abcd"], False),  # fewer than min_failures
+        ([(False, k) for k in "abcde"] + [(True, k) for k in "fghijk"], False),  # most succeed
+        ([(False, k) for k in "abcdef"] + [(True, k) for k in "ghijk"], True),
+    ],
+)
+def test_an_outage_is_a_rate_over_a_window_not_one_event(
+    outcomes: list[tuple[bool, str]], outage: bool
+) -> None:
+    window = Outcomes(POLICY)
+    # Successes first, then failures: the verdict is about the window as it ends.
+    ordered = sorted(outcomes, key=lambda o: not o[0])
+    seen = [window.add(T0 + i * 0.1, ok, key) for i, (ok, key) in enumerate(ordered)]
+    assert seen[-1] is outage
+
+
+def test_old_outcomes_leave_the_window() -> None:
+    window = Outcomes(POLICY)
+    for i, key in enumerate("abcd"):
+        window.add(T0 + i, False, key)
+    assert not window.add(T0 + POLICY.window_seconds + 10, False, "e")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_process_opens_the_circuit_for_all_and_one_probe_closes_it() -> None:
+    store, clock = InMemoryHealthStore(), _Clock()
+    a = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0)
+    b = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0)
+    for key in "abcde":
+        a.failed("api:hostup", key, "503 internal_error")
+    assert store.health("api:hostup", clock.now).state is State.OPEN
+    waiting = b.check("api:hostup", "run-b")  # the other process waits, without asking
+    assert not waiting.go
+    assert waiting.wait >= 1
+    clock.now += 2
+    probe = b.check("api:hostup", "run-b")
+    assert (probe.go, probe.probe) == (True, True)
+    other = a.check("api:hostup", "run-a")  # one probe at a time
+    assert not other.go
+    b.succeeded("api:hostup", "f", probe=True)
+    assert store.health("api:hostup", clock.now).ok
+    assert a.check("api:hostup", "run-a").go
+
+
+def test_waiting_events_come_back_spread_not_in_one_wave() -> None:
+    store, clock = InMemoryHealthStore(), _Clock()
+    deps = Dependencies(store, clock=clock, cache_seconds=0, spacing_seconds=0.05)
+    deps.hold("budget:hostup", T0 + 5, "429 rate_limit_exceeded")
+    waits = [deps.check("budget:hostup", f"run-{n}").wait for n in range(200)]
+    assert min(waits) == pytest.approx(5)
+    assert max(waits) == pytest.approx(5 + 199 * 0.05)
+
+
+def test_a_state_change_is_one_log_line_per_process_and_a_reminder_while_it_lasts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, clock = InMemoryHealthStore(), _Clock()
+    deps = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0, remind_seconds=60)
+    caplog.set_level("INFO", logger="invoice_mailer.health")
+    deps.state("bus")
+    for key in "abcde":
+        deps.failed("bus", key, "unroutable: NO_ROUTE")
+    for _ in range(100):
+        clock.now += 0.5
+        deps.check("bus", "run")
+    assert len(caplog.records) == 1
+    clock.now += 60
+    deps.state("bus")
+    assert len(caplog.records) == 2
+    assert "still unhealthy" in caplog.records[-1].getMessage()

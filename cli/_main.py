@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -15,14 +16,18 @@ from kombu.utils.url import maybe_sanitize_url
 from broker import EventPublisher
 from cli._deadletters import dead_letters
 from cli._ledger import ledger
-from cli._status import status
+from cli._status import dependency_names, health_row, status
 from invoice_mailer.billing import build_http_client
 from invoice_mailer.errors import PublishError
 from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, REISSUED
+from invoice_mailer.ledger import LedgerError, open_ledger
 from settings import Settings, load_or_exit
 
 EXIT_BROKER = 2
 EXIT_API = 3
+EXIT_LEDGER = 4
+EXIT_UNHEALTHY = 5
+"""A dependency is unhealthy for the fleet (shared health): events wait for it."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +87,8 @@ main.add_command(status)
 
 @main.command()
 def check() -> None:
-    """Check settings (exit 78), the broker (exit 2) and the billing API (exit 3)."""
+    """Check settings (exit 78), the broker (2), the billing API (3), the ledger (4), and
+    the dependency health the fleet shares (5: one is unhealthy, events wait for it)."""
     settings = load_or_exit()
     click.echo(f"settings   ok      provider={settings.billing_provider}")
     broker = maybe_sanitize_url(settings.celery_broker_url)
@@ -97,6 +103,22 @@ def check() -> None:
     click.echo(f"billing    {'ok    ' if ok else 'FAILED'}  {line}")
     if not ok:
         sys.exit(EXIT_API)
+    try:
+        ledger = open_ledger(settings.ledger_url)
+    except LedgerError as exc:
+        click.echo(f"ledger     FAILED  {exc}")
+        sys.exit(EXIT_LEDGER)
+    try:
+        health = [ledger.health(d, time.time()) for d in dependency_names(settings)]
+    finally:
+        ledger.close()
+    click.echo("ledger     ok")
+    sick = [h for h in health if not h.ok]
+    for unhealthy in sick:  # what the fleet sees, whatever this one call saw
+        name, state, lasted, why = health_row(unhealthy)
+        click.echo(f"{name:<10} {state.upper():<7} for {lasted}: {why}")
+    if sick:
+        sys.exit(EXIT_UNHEALTHY)
 
 
 def _check_api(settings: Settings) -> tuple[bool, str]:

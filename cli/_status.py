@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 
 import click
@@ -10,8 +11,10 @@ from kombu.utils.url import maybe_sanitize_url
 
 from broker import DeadLetterQueue, queue_depths
 from cli._table import print_table
+from invoice_mailer.dependencies import BUS, api, budget
+from invoice_mailer.health import Health
 from invoice_mailer.ledger import LedgerError, open_ledger
-from settings import load_or_exit
+from settings import Settings, load_or_exit
 from tasks import TASK_QUEUE, create_app
 
 
@@ -51,11 +54,14 @@ def status() -> None:
     try:
         ledger = open_ledger(settings.ledger_url)
         counts = ledger.counts()
+        health = [ledger.health(d, time.time()) for d in dependency_names(settings)]
         ledger.close()
         print_table(
             ("state", "events"),
             [(s, str(n)) for s, n in sorted(counts.items())] or [("(empty)", "0")],
         )
+        click.echo("\ndependencies (shared by every worker)")
+        print_table(("dependency", "state", "for", "why"), [health_row(h) for h in health])
     except LedgerError as exc:
         click.echo(f"unavailable: {exc}")
 
@@ -68,3 +74,16 @@ def status() -> None:
     else:
         click.echo("none answered")
     app.close()
+
+
+def dependency_names(settings: Settings) -> list[str]:
+    provider = settings.billing_provider
+    return [api(provider), budget(provider), BUS]
+
+
+def health_row(health: Health) -> tuple[str, str, str, str]:
+    """One dependency as a row: its state, for how long, and why (when unhealthy)."""
+    if health.ok:
+        return (health.dependency, "healthy", "", "")
+    lasted = f"{time.time() - health.since:.0f} s"
+    return (health.dependency, str(health.state), lasted, health.detail or "")

@@ -154,6 +154,8 @@ class _Run:
     """Set when this run's claim marked the resend in flight: when the first began."""
     probe: str | None = None
     """The dependency this run is the one probe of, until its next call to it ends."""
+    probe_failed: bool = False
+    """Its probe failed: the outage's failure, not the event's (no try is used up)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -207,7 +209,9 @@ class Pipeline:
                 lease_seconds=self._lease_seconds,
                 now=self._now(),
                 reopen_failed=job.replay,
-                begin_resend=True,
+                # Mark the resend in flight in the claim's own write, unless the API is
+                # unhealthy for the fleet: then the run will wait, not send.
+                begin_resend=self._api_healthy(),
             )
         except LedgerError as exc:
             return self.ledger_unavailable(job, exc)
@@ -615,9 +619,21 @@ class Pipeline:
                     history, attempts=history.attempts + 1, rate_limited_seconds=waited + delay
                 ),
             )
+            began_here = run.resend_begun_at is not None and not run.record.resend_in_flight
+            if step is Step.RESEND and began_here:  # marked by this claim, and not sent
+                self._ledger.resend_not_sent(run.key)
             self._log(run.job, str(step), "paused", self._clock(), code=name, wait=delay)
             return RetryLater(run.job, delay, str(step), "paused", code=name)
         return None
+
+    def _api_healthy(self) -> bool:
+        if self._deps is None:
+            return True
+        provider = self._provider.name
+        try:
+            return self._deps.state(api(provider)).ok and self._deps.state(budget(provider)).ok
+        except LedgerError:
+            return True  # the claim that follows will tell
 
     def _give_up_waiting(
         self, run: _Run, name: str, health: Any, waited: float
@@ -644,38 +660,41 @@ class Pipeline:
         return None
 
     def _call(self, run: _Run, call: Callable[[], Any]) -> Any:
-        """One call to the billing API; its outcome tells the API's shared health."""
-        deps, name = self._deps, api(self._provider.name)
-        probe = run.probe == name
-        run.probe = None if probe else run.probe
-        invoice = run.job.event.invoice
+        """One call to the billing API; its outcome tells the API's shared health (and
+        settles the probe, if this run is the API's or the rate budget's)."""
+        names = (api(self._provider.name), budget(self._provider.name))
+        probing = run.probe if run.probe in names else None
+        if probing is not None:
+            run.probe = None
         try:
             result = call()
-        except TransientError as error:
-            if deps is not None and (error.status is None or error.status >= 500):
-                deps.failed(
-                    name, invoice, f"{error.status or error.code} {error.detail}", probe=probe
-                )
-            elif deps is not None:
-                deps.succeeded(name, invoice, probe=probe)
+        except BillingError as error:
+            self._tell(run, probing, error)
             raise
-        except RateLimited as error:
-            if deps is not None:
-                deps.succeeded(name, invoice, probe=probe)  # it answered: not an outage
-                if error.code in ACCOUNT_RATE_LIMIT_CODES and error.retry_after:
-                    deps.hold(
-                        budget(self._provider.name),
-                        self._now() + error.retry_after,
-                        f"429 {error.code}",
-                    )
-            raise
-        except BillingError:
-            if deps is not None:
-                deps.succeeded(name, invoice, probe=probe)
-            raise
-        if deps is not None:
-            deps.succeeded(name, invoice, probe=probe)
+        self._tell(run, probing, None)
         return result
+
+    def _tell(self, run: _Run, probing: str | None, error: BillingError | None) -> None:
+        deps = self._deps
+        if deps is None:
+            return
+        api_name, budget_name = api(self._provider.name), budget(self._provider.name)
+        invoice = run.job.event.invoice
+        outage = isinstance(error, TransientError) and (error.status or 500) >= 500
+        if error is not None and outage:
+            detail = f"{error.status or error.code} {error.detail}"
+            deps.failed(api_name, invoice, detail, probe=probing == api_name)
+            run.probe_failed = probing == api_name
+        else:  # it answered (a 4xx is about the event, not the API)
+            deps.succeeded(api_name, invoice, probe=probing == api_name)
+        if (
+            isinstance(error, RateLimited)
+            and error.code in ACCOUNT_RATE_LIMIT_CODES
+            and error.retry_after
+        ):
+            deps.hold(budget_name, self._now() + error.retry_after, f"429 {error.code}")
+        elif probing == budget_name:
+            deps.succeeded(budget_name, invoice, probe=True)
 
     def _publish(self, run: _Run, publish: Callable[[], None]) -> None:
         """One publish; its outcome tells the bus's shared health."""
@@ -717,6 +736,15 @@ class Pipeline:
     def _decide(self, run: _Run, step: str, error: BillingError, started: float) -> Retry | GiveUp:
         """Apply the retry policy to a failed step; the job's history records the try."""
         job = run.job
+        if run.probe_failed and self._deps is not None:
+            # The API is still down: wait for the next probe like every other event.
+            run.probe_failed = False
+            health = self._deps.state(api(self._provider.name))
+            pause = whole_seconds(max(1.0, (health.retry_at or 0) - self._now()))
+            self._log(
+                job, step, "paused", started, status=error.status, code=error.code, wait=pause
+            )
+            return Retry(delay_seconds=pause, history=job.step_history(step), kind="paused")
         elsewhere = sum(h.rate_limited_seconds for s, h in job.history.items() if s != step)
         decision = decide(
             error, job.step_history(step), self._policy, self._rng, rate_limited_elsewhere=elsewhere

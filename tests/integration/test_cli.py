@@ -59,6 +59,7 @@ def test_check_passes_against_a_reachable_broker_and_api(env: MakeEnv, sandbox: 
         ["settings", "ok"],
         ["broker", "ok"],
         ["billing", "ok"],
+        ["ledger", "ok"],
     ]
     assert sandbox.requests(endpoint="resend") == []
 
@@ -84,6 +85,32 @@ def test_check_exits_3_when_the_api_is_down(env: MakeEnv) -> None:
     result = _cli("check", env=env(HOSTUP_API_BASE_URL="http://127.0.0.1:9/api/v2"))
     assert result.returncode == 3
     assert "billing    FAILED" in result.stdout
+
+
+def test_check_and_status_say_which_dependency_the_fleet_sees_unhealthy_and_why(
+    env: MakeEnv, ledger_url: str
+) -> None:
+    """The bus opened by a worker (shared health, in the ledger's database): check exits
+    5 naming it and why, although its own probes of broker and API pass; status shows it."""
+    import time
+
+    from invoice_mailer.health import BreakerPolicy, healthy, opened
+    from invoice_mailer.ledger import open_ledger
+
+    ledger = open_ledger(ledger_url)
+    now = time.time()
+    ledger.put(opened(healthy("bus", now - 42), now - 42, "unroutable: NO_ROUTE", BreakerPolicy()))
+    ledger.close()
+    checked = _cli("check", env=env())
+    assert checked.returncode == 5, checked.stdout + checked.stderr
+    assert "bus" in checked.stdout
+    assert "OPEN" in checked.stdout
+    assert "unroutable: NO_ROUTE" in checked.stdout
+    shown = _cli("status", env=env())
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if line.split()[:2] == ["bus", "open"]]
+    assert "NO_ROUTE" in row
+    assert any(line.split()[:2] == ["api:hostup", "healthy"] for line in shown.stdout.splitlines())
 
 
 def test_demo_runs_every_scenario_to_its_outcome() -> None:

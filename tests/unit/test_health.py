@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from invoice_mailer.dependencies import Dependencies
@@ -141,3 +143,50 @@ def test_a_state_change_is_one_log_line_per_process_and_a_reminder_while_it_last
     deps.state("bus")
     assert len(caplog.records) == 2
     assert "still unhealthy" in caplog.records[-1].getMessage()
+
+
+def test_an_event_that_waits_for_the_api_sends_nothing_and_is_not_left_uncertain(
+    tmp_path: object,
+) -> None:
+    """The circuit is open: the event waits (no try used up) without a request; when it
+    closes, the event goes as if nothing had happened: one POST, one email-info, and no
+    email-info lookup for an "unanswered" resend that was never sent."""
+    from pathlib import Path
+
+    from invoice_mailer.billing import HostUpClient, HttpConfig, build_http_client
+    from invoice_mailer.events import Reissued
+    from invoice_mailer.ledger import open_ledger
+    from invoice_mailer.pipeline import Done, Job, Pipeline, RetryLater
+    from invoice_mailer.policy import RetryPolicy
+    from invoice_mailer.publishing import InMemoryPublisher
+    from sandbox import DEFAULT_API_KEY, Sandbox
+
+    store = InMemoryHealthStore()
+    ledger = open_ledger(f"sqlite:///{Path(str(tmp_path))}/ledger.sqlite3")
+    deps = Dependencies(store, policy=POLICY, cache_seconds=0)
+    store.put(opened(healthy("api:hostup", T0), time.time() + 60, "503", POLICY))
+    with Sandbox() as sb, build_http_client(HttpConfig(timeout_seconds=2)) as http:
+        pipeline = Pipeline(
+            provider=HostUpClient(http=http, base_url=sb.hostup_url, api_key=DEFAULT_API_KEY),
+            publisher=InMemoryPublisher(),
+            ledger=ledger,
+            policy=RetryPolicy(),
+            lease_seconds=30,
+            dependencies=deps,
+        )
+        job = Job.new(
+            Reissued(event_id="evt_1", source="/billing", invoice="inv_1"),
+            body="{}",
+            content_type=None,
+        )
+        waiting = pipeline.run(job)
+        assert isinstance(waiting, RetryLater)
+        assert (waiting.kind, waiting.code) == ("paused", "api:hostup")
+        assert sb.requests() == []
+        assert waiting.job.step_history("resend").attempts == 0
+        store.put(healthy("api:hostup", T0))
+        done = pipeline.run(waiting.job)
+        requests = [(r.method, r.endpoint) for r in sb.requests()]
+    ledger.close()
+    assert isinstance(done, Done)
+    assert requests == [("POST", "resend"), ("GET", "email_info")]

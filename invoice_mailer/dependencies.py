@@ -4,7 +4,8 @@ call's outcome after it (``invoice_mailer.health`` has the states and transition
 Reads are cached for ``cache_seconds``, so a healthy fleet pays one read per dependency
 per second per process, not one per event. Each state change this process sees is
 logged once (and a reminder every ``remind_seconds`` while it lasts): an outage is a
-handful of lines, not one per event.
+handful of lines, not one per event. The process that opens a dependency logs one
+ERROR for the fleet: one Sentry event per outage.
 """
 
 from __future__ import annotations
@@ -111,8 +112,19 @@ class Dependencies:
             return
         if self._window(dependency).add(now, False, key):
             current = self._store.health(dependency, now)
-            if current.ok:
-                self._store.put(opened(current, now, detail, self._policy), expect=State.HEALTHY)
+            if current.ok and self._store.put(
+                opened(current, now, detail, self._policy), expect=State.HEALTHY
+            ):
+                # Once per outage for the whole fleet (the process that opened it): an
+                # ERROR, so Sentry's logging integration makes it one event, not one per event.
+                log.error(
+                    "%s opened for every worker: %s",
+                    dependency,
+                    detail,
+                    extra={"dependency": dependency, "state": "open"},
+                )
+                with self._lock:  # said: this process's notice would say it twice
+                    self._seen[dependency] = (False, now)
             self._window(dependency).clear()
             self._forget(dependency)
 

@@ -710,6 +710,19 @@ class Pipeline:
         if deps is not None:
             deps.succeeded(BUS, run.job.event.event_id, probe=probe)
 
+    def dependency_states(self) -> dict[str, tuple[bool, float]]:
+        """Each dependency this process calls: (healthy, for how long it has not been)."""
+        if self._deps is None:
+            return {}
+        now = time.time()
+        names = [budget(self._provider.name), api(self._provider.name), BUS]
+        states = {n: (h.ok, now - h.since) for n in names for h in [self._deps.state(n)]}
+        states["ledger"] = (
+            not self._ledger_down,
+            now - self._ledger_down[0] if self._ledger_down else 0.0,
+        )
+        return states
+
     def unhealthy(self) -> list[str]:
         """The dependencies this process sees unhealthy (the ledger included), with why:
         while any is, the consumer takes no new events."""

@@ -34,6 +34,7 @@ __all__ = [
     "IN_FLIGHT",
     "MetricsObserver",
     "QueueDepthCollector",
+    "record_health",
     "registry_for_export",
     "serve_metrics",
 ]
@@ -70,7 +71,38 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 
+DEPENDENCY_HEALTHY = Gauge(
+    f"{_P}_dependency_healthy",
+    "1 while the dependency is healthy for the fleet (shared health), 0 while events wait",
+    ["dependency"],
+    multiprocess_mode="min",
+)
+DEPENDENCY_UNHEALTHY_SECONDS = Gauge(
+    f"{_P}_dependency_unhealthy_seconds",
+    "How long the dependency has been unhealthy (0 while healthy)",
+    ["dependency"],
+    multiprocess_mode="max",
+)
+PAUSED = Counter(
+    f"{_P}_paused_total",
+    "Attempts held back in the broker by an unhealthy dependency (no try used up)",
+    ["dependency"],
+)
+INTAKE_PAUSED = Gauge(
+    f"{_P}_intake_paused",
+    "1 while this process takes no new raw events (a dependency is unhealthy)",
+    multiprocess_mode="max",
+)
+
 _TIMED_STEPS = frozenset({"resend", "email_info", "publish"})
+
+
+def record_health(states: dict[str, tuple[bool, float]], paused: bool) -> None:
+    """Set the dependency gauges: ``states`` maps a dependency to (healthy, unhealthy for)."""
+    for dependency, (ok, lasted) in states.items():
+        DEPENDENCY_HEALTHY.labels(dependency).set(1 if ok else 0)
+        DEPENDENCY_UNHEALTHY_SECONDS.labels(dependency).set(0 if ok else lasted)
+    INTAKE_PAUSED.set(1 if paused else 0)
 
 
 class MetricsObserver:
@@ -92,6 +124,8 @@ class MetricsObserver:
             RETRIES.labels(r.step, kind).inc()
         if r.wait_seconds is not None:
             WAITS.labels(r.outcome).observe(r.wait_seconds)
+        if r.outcome == "paused":
+            PAUSED.labels(r.code or r.step).inc()
         if r.outcome == "gave_up":
             GIVE_UPS.labels(r.step, r.code or "unknown").inc()
         if r.outcome == "published":

@@ -28,7 +28,7 @@ from invoice_mailer.pipeline import (
     wait_for_ledger,
 )
 from settings import Settings
-from tasks._metrics import MetricsObserver
+from tasks._metrics import MetricsObserver, record_health
 
 __all__ = ["Runtime"]
 
@@ -122,6 +122,8 @@ class Runtime:
                     if self._ledger_failed is not None or self._pipeline is not None:
                         self._ensure()
                     self.paused_because = self.unhealthy()
+                    if self._pipeline is not None:
+                        record_health(self._pipeline.dependency_states(), bool(self.paused_because))
                 except LedgerError as exc:
                     self.paused_because = [f"ledger: {exc}"]
                 except Exception:

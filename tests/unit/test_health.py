@@ -130,18 +130,22 @@ def test_a_state_change_is_one_log_line_per_process_and_a_reminder_while_it_last
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store, clock = InMemoryHealthStore(), _Clock()
-    deps = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0, remind_seconds=60)
+    opener = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0, remind_seconds=60)
+    other = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0, remind_seconds=60)
     caplog.set_level("INFO", logger="invoice_mailer.health")
-    deps.state("bus")
+    opener.state("bus")
+    other.state("bus")
     for key in "abcde":
-        deps.failed("bus", key, "unroutable: NO_ROUTE")
+        opener.failed("bus", key, "unroutable: NO_ROUTE")
     for _ in range(100):
         clock.now += 0.5
-        deps.check("bus", "run")
-    assert len(caplog.records) == 1
+        opener.check("bus", "run-1")
+        other.check("bus", "run-2")
+    # The opener: one ERROR for the fleet (one Sentry event); the other: one WARNING.
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
     clock.now += 60
-    deps.state("bus")
-    assert len(caplog.records) == 2
+    other.state("bus")
+    assert len(caplog.records) == 3
     assert "still unhealthy" in caplog.records[-1].getMessage()
 
 

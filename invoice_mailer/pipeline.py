@@ -87,6 +87,9 @@ ACCOUNT_RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "ERR_RATE_LIMIT"})
 # A reminder that the ledger is still down, per process, at most this often.
 LEDGER_REMINDER_SECONDS = 60.0
 
+_GAVE_UP = object()
+"""``_wait_for_dependencies``: the wait outlasted its budget and the give-up is recorded."""
+
 Checkpoint = Callable[[str, Job], None]
 """Called with ``claimed``, ``resent`` and ``published`` as a run passes them."""
 
@@ -245,7 +248,12 @@ class Pipeline:
             if step in done:
                 raise RuntimeError(f"{step} again for {run.key!r}: the ledger kept no progress")
             done.add(step)
-            outcome = self._wait_for_dependencies(step, run) or self._perform(step, run)
+            waited = self._wait_for_dependencies(step, run)
+            if waited is _GAVE_UP:
+                continue  # the record moved on: its dead letter (or publication) is next
+            if isinstance(waited, RetryLater):
+                return waited
+            outcome = self._perform(step, run)
             if outcome is not None:
                 return outcome
 
@@ -589,7 +597,7 @@ class Pipeline:
 
     # -- shared dependency health ----------------------------------------------------------
 
-    def _wait_for_dependencies(self, step: Step, run: _Run) -> RetryLater | None:
+    def _wait_for_dependencies(self, step: Step, run: _Run) -> RetryLater | object | None:
         """Before a step that calls the API or the bus: wait in the broker while that
         dependency is unhealthy for the whole fleet, unless this run is its probe. The
         wait uses none of the step's tries; an API outage longer than
@@ -612,7 +620,8 @@ class Pipeline:
             waited = history.rate_limited_seconds
             delay = whole_seconds(gate.wait)
             if name != BUS and waited + delay > self._outage_max_wait:
-                return self._give_up_waiting(run, name, gate.health, waited)
+                self._give_up_waiting(run, name, gate.health, waited)
+                return _GAVE_UP
             run.job = run.job.with_history(
                 "paused",
                 replace(
@@ -635,9 +644,7 @@ class Pipeline:
         except LedgerError:
             return True  # the claim that follows will tell
 
-    def _give_up_waiting(
-        self, run: _Run, name: str, health: Any, waited: float
-    ) -> RetryLater | None:
+    def _give_up_waiting(self, run: _Run, name: str, health: Any, waited: float) -> None:
         """An outage outlasted what the event may wait: give up, as for any step."""
         step = RESEND if run.record.resend is None else EMAIL_INFO
         detail = f"{name} unhealthy for {waited:.0f} s ({getattr(health, 'detail', None)})"
@@ -649,7 +656,7 @@ class Pipeline:
                 email_info=None,
                 error=f"dependency_unavailable: {detail}",
             )
-            return None
+            return
         decision = GiveUp(
             status=None,
             code="dependency_unavailable",
@@ -657,7 +664,6 @@ class Pipeline:
             history=run.job.step_history(step),
         )
         self._give_up(run, step, decision)
-        return None
 
     def _call(self, run: _Run, call: Callable[[], Any]) -> Any:
         """One call to the billing API; its outcome tells the API's shared health (and

@@ -8,39 +8,26 @@ are in tests/integration/test_reconcile.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
 import respx
 
-from invoice_mailer.billing import HostUpClient, HttpConfig, build_http_client
+from invoice_mailer.billing import HostUpClient
 from invoice_mailer.events import Reissued
-from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.ledger import Ledger
 from invoice_mailer.pipeline import Done, GaveUp, Job, Outcome, Pipeline, RetryLater
 from invoice_mailer.policy import RetryPolicy
 from invoice_mailer.publishing import InMemoryPublisher
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
+from tests.unit.conftest import Clock
 
 INVOICE = "inv_1"
 LOST = Fault(status=None, then_succeed=True, drop=True)
 """The email is queued, then the connection drops: the answer is lost."""
 NEVER_ARRIVED = Fault(status=None, drop=True)
 """The connection drops before the API acts: nothing was sent, and we cannot know."""
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.sqlite3")
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with build_http_client(HttpConfig(timeout_seconds=2)) as client:
-        yield client
 
 
 def _pipeline(
@@ -130,7 +117,7 @@ def test_an_unlisted_resend_is_sent_again_once_it_has_settled(
 ) -> None:
     """Not listed right after the lost POST: wait. Still not listed once email-info has had
     ``resend_settles_seconds`` since that POST: it never arrived; sent again (once)."""
-    wall = _Wall()
+    wall = Clock(time.time())  # ours, moved by the test; the API's is the sandbox's own
     with Sandbox() as sb:
         pipeline, _ = _pipeline(ledger, http, sb.hostup_url, settles=15, wall_clock=wall)
         sb.script(INVOICE, "resend", [NEVER_ARRIVED])
@@ -148,16 +135,6 @@ def test_an_unlisted_resend_is_sent_again_once_it_has_settled(
     assert isinstance(outcome, Done)
     assert len(posts) == 2
     assert len(emails) == 1
-
-
-class _Wall:
-    """Our wall clock, moved by the test (the API's clock is the sandbox's own)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_until_email_info_could_list_it_an_unlisted_resend_waits(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from invoice_mailer.dependencies import Dependencies
@@ -18,6 +19,7 @@ from invoice_mailer.health import (
     on_probe,
     opened,
 )
+from invoice_mailer.ledger import Ledger
 
 T0 = 1_800_000_000.0
 POLICY = BreakerPolicy(probe_first_seconds=2, probe_max_seconds=30)
@@ -194,3 +196,40 @@ def test_an_event_that_waits_for_the_api_sends_nothing_and_is_not_left_uncertain
     ledger.close()
     assert isinstance(done, Done)
     assert requests == [("POST", "resend"), ("GET", "email_info")]
+
+
+def test_an_outage_longer_than_the_event_may_wait_gives_it_up_without_a_request(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """RETRY_OUTAGE_MAX_WAIT_SECONDS spent: dependency_unavailable, a dead letter and an
+    invoice.email_failed; and no request was sent on the way."""
+    from invoice_mailer.billing import HostUpClient
+    from invoice_mailer.events import Reissued
+    from invoice_mailer.pipeline import GaveUp, Job, Pipeline
+    from invoice_mailer.policy import RetryPolicy
+    from invoice_mailer.publishing import InMemoryPublisher
+    from sandbox import DEFAULT_API_KEY, Sandbox
+
+    store = InMemoryHealthStore()
+    store.put(opened(healthy("api:hostup", T0), time.time() + 60, "503", POLICY))
+    publisher = InMemoryPublisher()
+    with Sandbox() as sb:
+        pipeline = Pipeline(
+            provider=HostUpClient(http=http, base_url=sb.hostup_url, api_key=DEFAULT_API_KEY),
+            publisher=publisher,
+            ledger=ledger,
+            policy=RetryPolicy(),
+            lease_seconds=30,
+            dependencies=Dependencies(store, policy=POLICY, cache_seconds=0),
+            outage_max_wait_seconds=30,
+        )
+        job = Job.new(
+            Reissued(event_id="evt_1", source="/billing", invoice="inv_1"),
+            body="{}",
+            content_type=None,
+        )
+        outcome = pipeline.run(job)
+        assert sb.requests() == []
+    assert isinstance(outcome, GaveUp)
+    assert outcome.reason["code"] == "dependency_unavailable"
+    assert [letter.code for letter in publisher.dead_letters] == ["dependency_unavailable"]

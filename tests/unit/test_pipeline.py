@@ -3,52 +3,30 @@ when the resend is recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from invoice_mailer.billing import AbillifyClient, HttpConfig, build_http_client
+from invoice_mailer.billing import AbillifyClient
 from invoice_mailer.errors import PublishFailure
 from invoice_mailer.events import Reissued
-from invoice_mailer.ledger import Ledger, open_ledger
+from invoice_mailer.ledger import Ledger
 from invoice_mailer.pipeline import Checkpoint, Done, GaveUp, Job, Pipeline, RetryLater
 from invoice_mailer.policy import RetryPolicy
 from invoice_mailer.publishing import InMemoryPublisher
+from tests.unit.conftest import Clock
 
 URL = "https://abillify.test/api/invoices/RE-1/resendInvoice"
 HOUR = 3600.0
 OK = {"job": "9", "result": "OK", "resultcode": "0"}
 
 
-class _Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = open_ledger(f"sqlite:///{tmp_path}/ledger.sqlite3")
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with build_http_client(HttpConfig(timeout_seconds=1)) as client:
-        yield client
-
-
 def _pipeline(
     ledger: Ledger,
     http: httpx.Client,
-    clock: _Clock,
+    clock: Clock,
     pub: InMemoryPublisher,
     checkpoint: Checkpoint | None = None,
 ) -> Pipeline:
@@ -84,7 +62,7 @@ def test_an_unanswered_resend_is_retried_with_the_same_key_within_the_window(
             httpx.Response(200, json=OK),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -113,7 +91,7 @@ def test_past_the_idempotency_window_an_unanswered_resend_is_not_sent_blind(
             ),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -140,7 +118,7 @@ def test_a_replay_after_the_window_resends_on_the_operators_word(
             httpx.Response(200, json={"job": "3", "result": "OK", "resultcode": "0"}),
         ]
     )
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
     assert isinstance(first, RetryLater)
@@ -158,7 +136,7 @@ def test_a_resend_whose_publication_must_wait_is_recorded_before_the_wait(
     """The resend is recorded when its answer arrives, so the retry publishes without
     sending again (or asking whether it was sent)."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pub.refuse_events = PublishFailure.UNREACHABLE
     pipeline = _pipeline(ledger, http, clock, pub)
     first = pipeline.run(JOB)
@@ -180,7 +158,7 @@ def test_a_crash_after_the_resend_answered_sends_nothing_again(
     """The resend's answer is written before anything else: a worker that dies right
     after it leaves it recorded, and the run that takes over only publishes."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
 
     def die_after_the_resend(point: str, job: Job) -> None:
         if point == "resent":
@@ -208,7 +186,7 @@ def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wai
             400, json={"code": 400, "type": "ERR_INVALID_VALUE", "message": "bad", "details": []}
         )
     )
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pub.refuse_events = PublishFailure.UNROUTABLE  # nothing bound downstream
     pipeline = _pipeline(ledger, http, clock, pub)
     outcome = pipeline.run(JOB)
@@ -246,7 +224,7 @@ def test_a_ledger_that_keeps_no_progress_stops_the_run_after_one_post(
     """Sent, but the record still says not sent: the run stops (a bug, for the dead-letter
     queue) rather than POST again until the record changes."""
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
-    clock, pub = _Clock(1_800_000_000.0), InMemoryPublisher()
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
     pipeline = _pipeline(_ForgetfulLedger(ledger), http, clock, pub)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="kept no progress"):
         pipeline.run(JOB)

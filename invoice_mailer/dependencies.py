@@ -11,6 +11,7 @@ ERROR for the fleet: one Sentry event per outage.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +24,12 @@ from invoice_mailer.health import (
     Outcomes,
     State,
     gate,
+    healthy,
     on_probe,
     opened,
 )
 
-__all__ = ["BUS", "Dependencies", "api", "budget"]
+__all__ = ["BUS", "Dependencies", "api", "budget", "pace"]
 
 log = logging.getLogger("invoice_mailer.health")
 
@@ -44,6 +46,16 @@ def budget(provider: str) -> str:
     return f"budget:{provider}"
 
 
+def _is_gate(dependency: str) -> bool:
+    """A rate budget is a gate: shut until the time the API named, then open by itself."""
+    return dependency.startswith("budget:")
+
+
+def pace(provider: str) -> str:
+    """The slots that space ``provider``'s requests to its budget's rate, fleet-wide."""
+    return f"pace:{provider}"
+
+
 class Dependencies:
     """Shared health, as one worker process consults and updates it."""
 
@@ -54,14 +66,14 @@ class Dependencies:
         policy: BreakerPolicy | None = None,
         clock: Callable[[], float] = time.time,
         cache_seconds: float = 1.0,
-        spacing_seconds: float = 0.05,
         remind_seconds: float = 60.0,
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._policy = policy or BreakerPolicy()
         self._now = clock
         self._cache_seconds = cache_seconds
-        self._spacing = spacing_seconds
+        self._rng = rng or random.Random()
         self._remind = remind_seconds
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, Health]] = {}
@@ -81,20 +93,28 @@ class Dependencies:
         self._noticed(health, now)
         return health
 
-    def check(self, dependency: str, owner: str) -> Gate:
-        """May an attempt call ``dependency`` now? Go, go as its one probe, or wait."""
+    def check(self, dependency: str, owner: str, *, spacing: float | None = None) -> Gate:
+        """May an attempt call ``dependency`` now? Go, go as its one probe, or wait (for a
+        slot ``spacing`` after the last one given: the API's rate, when known)."""
         health = self.state(dependency)
         if health.ok:
             return Gate(go=True)
         now = self._now()
         due = health.retry_at is None or health.retry_at <= now
+        if due and _is_gate(dependency):
+            self._reopen(health, now)
+            return Gate(go=True)
         if health.state is State.PROBING:
             due = health.probe_until is None or health.probe_until <= now
         if due and self._store.take_probe(dependency, owner, now, self._policy.probe_lease_seconds):
             self._forget(dependency)
             return Gate(go=True, probe=True, health=health)
         not_before = health.retry_at if health.retry_at and health.retry_at > now else now + 1
-        slot = self._store.reserve(dependency, not_before, self._spacing)
+        if spacing is None:  # no rate known: spread over a second, reserve nothing
+            return Gate(
+                go=False, wait=max(1.0, not_before - now + self._rng.random()), health=health
+            )
+        slot = self._store.reserve(dependency, not_before, spacing)
         return Gate(go=False, wait=max(1.0, slot - now), health=health)
 
     def succeeded(self, dependency: str, key: str, *, probe: bool = False) -> None:
@@ -136,8 +156,26 @@ class Dependencies:
             self._store.put(gate(dependency, until, now, detail))
             self._forget(dependency)
 
+    def reserve(self, dependency: str, interval: float) -> float:
+        """The next free moment, fleet-wide, for one request to ``dependency``, the slots
+        ``interval`` apart (pacing to a rate)."""
+        return self._store.reserve(dependency, self._now(), interval)
+
     def unhealthy(self, dependencies: list[str]) -> list[Health]:
-        return [h for h in (self.state(d) for d in dependencies) if not h.ok]
+        found = []
+        now = self._now()
+        for health in (self.state(d) for d in dependencies):
+            if not health.ok and _is_gate(health.dependency) and (health.retry_at or 0) <= now:
+                self._reopen(health, now)
+            elif not health.ok:
+                found.append(health)
+        return found
+
+    def _reopen(self, health: Health, now: float) -> None:
+        """A gate whose time is up opens by itself, without a probe: the first to see it
+        says so for all (one conditional write)."""
+        self._store.put(healthy(health.dependency, now), expect=State.OPEN)
+        self._forget(health.dependency)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -161,7 +199,10 @@ class Dependencies:
             self._cache.pop(dependency, None)
 
     def _noticed(self, health: Health, now: float) -> None:
-        """One log line per state change this process sees, and a reminder while it lasts."""
+        """One log line per state change this process sees, and a reminder while it lasts.
+        (A rate budget's gate is flow control, seconds long: its 429 is the event's line.)"""
+        if _is_gate(health.dependency):
+            return
         with self._lock:
             last = self._seen.get(health.dependency)
             changed = (last[0] if last else True) is not health.ok

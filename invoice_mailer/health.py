@@ -21,7 +21,8 @@ An outage is a rate over a window, not one bad event (``Outcomes.outage``): at l
 ``min_failures`` failures, from at least ``min_keys`` distinct events, making at least
 ``failure_ratio`` of the outcomes seen in ``window_seconds``. A 5xx that one invoice
 gets while others succeed stays that event's problem. A gate (an account-wide rate
-limit) is ``open`` until the moment the API named, without a probe: it closes by itself.
+limit) is ``open`` until the moment the API named, without a probe: it closes by itself
+(the first process to see its time up writes it ``healthy``).
 
 The transitions are pure functions of the state and the clock, tested as a table
 (``tests/unit/test_health.py``); the store applies them with conditional writes.

@@ -62,7 +62,7 @@ class Observers:
 # 0.15 ms of worker CPU, a tenth of the whole event's (README, "Performance").
 # Waits behind an unhealthy dependency are routine too: the dependency's state change is
 # logged once (invoice_mailer.dependencies), not once per waiting event.
-_ROUTINE = frozenset({"accepted", "done", "paused", "unavailable"})
+_ROUTINE = frozenset({"accepted", "done", "paused", "paced", "unavailable"})
 
 
 class LoggingObserver:

@@ -32,7 +32,7 @@ from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
 from invoice_mailer.clock import Offset, Placement, parse_iso, placement
-from invoice_mailer.dependencies import BUS, Dependencies, api, budget
+from invoice_mailer.dependencies import BUS, Dependencies, api, budget, pace
 from invoice_mailer.errors import BillingError, PublishError, RateLimited, TransientError
 from invoice_mailer.events import (
     EMAIL_FAILED,
@@ -84,6 +84,8 @@ POISON_TAKEOVERS = 3
 IDEMPOTENCY_MARGIN_SECONDS = 600.0
 # A 429 with one of these codes speaks for the whole account, not for one invoice.
 ACCOUNT_RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "ERR_RATE_LIMIT"})
+# Pacing to the API's budget sleeps in the thread up to this; a longer wait is the broker's.
+PACING_SLEEP_MAX_SECONDS = 2.0
 # A reminder that the ledger is still down, per process, at most this often.
 LEDGER_REMINDER_SECONDS = 60.0
 
@@ -610,8 +612,10 @@ class Pipeline:
             names = [BUS]
         else:
             return None
+        rate = self._provider.budget.rate()
+        spacing = 1.0 / rate if rate else None
         for name in names:
-            gate = self._deps.check(name, run.owner)
+            gate = self._deps.check(name, run.owner, spacing=spacing)
             if gate.probe:
                 run.probe = name
             if gate.go:
@@ -633,14 +637,33 @@ class Pipeline:
                 self._ledger.resend_not_sent(run.key)
             self._log(run.job, str(step), "paused", self._clock(), code=name, wait=delay)
             return RetryLater(run.job, delay, str(step), "paused", code=name)
+        if step in API_STEPS:
+            return self._pace(step, run)
         return None
+
+    def _pace(self, step: Step, run: _Run) -> RetryLater | None:
+        """Keep the fleet's requests to the API's budget: each takes the next slot of the
+        rate ``provider.budget`` knows, shared by every process; a short wait is slept
+        here (up to ``PACING_SLEEP_MAX_SECONDS``), a longer one in the broker."""
+        rate = self._provider.budget.rate()
+        if rate is None or self._deps is None:
+            return None
+        wait = self._deps.reserve(pace(self._provider.name), 1.0 / rate) - self._now()
+        if wait <= 0:
+            return None
+        if wait <= PACING_SLEEP_MAX_SECONDS:
+            time.sleep(wait)
+            return None
+        delay = whole_seconds(wait)
+        self._log(run.job, str(step), "paced", self._clock(), wait=delay)
+        return RetryLater(run.job, delay, str(step), "paced")
 
     def _api_healthy(self) -> bool:
         if self._deps is None:
             return True
         provider = self._provider.name
         try:
-            return self._deps.state(api(provider)).ok and self._deps.state(budget(provider)).ok
+            return not self._deps.unhealthy([api(provider), budget(provider)])
         except LedgerError:
             return True  # the claim that follows will tell
 
@@ -741,7 +764,9 @@ class Pipeline:
                 down = time.time() - self._ledger_down[0]
                 found.append(f"ledger: unavailable for {down:.0f} s")
         if self._deps is not None:
-            names = [budget(self._provider.name), api(self._provider.name), BUS]
+            # A shut rate budget does not pause intake: it lasts seconds, and the events
+            # that meet it take their slots after it (spread at the budget's rate).
+            names = [api(self._provider.name), BUS]
             with contextlib.suppress(LedgerError):  # the ledger says so at its next claim
                 found += [f"{h.dependency}: {h.detail}" for h in self._deps.unhealthy(names)]
         return found

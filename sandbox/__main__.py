@@ -3,7 +3,7 @@
 HostUp is served under /api/v2 (Bearer key), Abillify under /abillify/api (Basic auth).
 Every switch below can also be changed while it runs: POST /_sandbox/configure with a
 JSON object of the same names (latency, failure_rates, clock_offset, email_info_lag,
-send_after, trickle); POST /_sandbox/script scripts faults per invoice, GET
+send_after, trickle, rate_limit); POST /_sandbox/script scripts faults per invoice, GET
 /_sandbox/requests lists what was received, POST /_sandbox/reset forgets it all.
 """
 
@@ -67,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         help="drip every answer's body a byte at a time over this many seconds",
     )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        help="an account budget of HostUp requests per second (X-RateLimit-* on every "
+        "answer, 429 rate_limit_exceeded over it)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the random faults")
     return p
 
@@ -87,6 +94,7 @@ def main() -> None:
         email_info_lag=args.email_info_lag,
         send_after=args.send_after,
         trickle=args.trickle,
+        rate_limit=args.rate_limit,
     ).start()
     print(f"billing sandbox on {sandbox.url} (HostUp {sandbox.hostup_url})", flush=True)
     stop = threading.Event()

@@ -16,14 +16,17 @@ As the docs describe it, email-info lists the emails that resend-email queued:
 docs has a switch each: ``clock_offset`` (the API's clock against ours: its ``Date``
 header, ``createdAt``, ``queuedAt`` and problem ``timestamp`` all read it),
 ``email_info_lag`` (an email shows in email-info only this long after it was queued),
-``trickle`` (every answer's body dripped over this many seconds) and, per fault,
-``echo_headers`` (an error body that echoes the request's headers).
+``trickle`` (every answer's body dripped over this many seconds), ``rate_limit`` (an
+account budget of so many HostUp requests per second, fixed one-second windows, told in
+``X-RateLimit-Limit/Remaining/Reset`` on every answer, 429 ``rate_limit_exceeded`` over
+it) and, per fault, ``echo_headers`` (an error body that echoes the request's headers).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import re
 import socket
@@ -117,6 +120,10 @@ class _State:
     email_info_lag: float = 0.0
     send_after: float = 1.0
     trickle: float = 0.0
+    rate_limit: int | None = None
+    window: tuple[int, int] = (0, 0)
+    """(second of the sandbox's clock, requests counted in it) for ``rate_limit``."""
+    rate_limited: int = 0
     missing: set[str] = field(default_factory=set)
     scopes: set[str] = field(default_factory=lambda: {"read:billing", "write:billing"})
     scripts: dict[tuple[str, str], list[Fault]] = field(default_factory=dict)
@@ -145,6 +152,7 @@ class Sandbox:
         email_info_lag: float = 0.0,
         send_after: float = 1.0,
         trickle: float = 0.0,
+        rate_limit: int | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -159,6 +167,7 @@ class Sandbox:
             email_info_lag=email_info_lag,
             send_after=send_after,
             trickle=trickle,
+            rate_limit=rate_limit,
         )
         handler = type("_BoundHandler", (_Handler,), {"sandbox": self})
         self._server = _Server((host, port), handler)
@@ -229,6 +238,7 @@ class Sandbox:
         email_info_lag: float | None = None,
         send_after: float | None = None,
         trickle: float | None = None,
+        rate_limit: int | None = None,
     ) -> None:
         with self._lock:
             for name, value in (
@@ -236,6 +246,7 @@ class Sandbox:
                 ("email_info_lag", email_info_lag),
                 ("send_after", send_after),
                 ("trickle", trickle),
+                ("rate_limit", rate_limit),
             ):
                 if value is not None:
                     setattr(self._state, name, value)
@@ -258,6 +269,11 @@ class Sandbox:
                 if (invoice is None or r.invoice == invoice)
                 and (endpoint is None or r.endpoint == endpoint)
             ]
+
+    def rate_limited(self) -> int:
+        """How many requests the account's ``rate_limit`` refused with a 429."""
+        with self._lock:
+            return self._state.rate_limited
 
     def now(self) -> float:
         """The sandbox API's clock (Unix time): ours plus ``clock_offset``."""
@@ -286,6 +302,7 @@ class Sandbox:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         handler.trickle = 0.0  # the handler lives as long as its keep-alive connection
+        handler.budget_headers = {}
         if path.startswith("/_sandbox/"):
             self._control(handler, method, path, body)
             return
@@ -304,6 +321,7 @@ class Sandbox:
             )
             fault = self._next_fault(invoice, endpoint)
             latency = self._state.latency
+            handler.budget_headers, over = self._count_in_budget(path)
             handler.trickle = fault.trickle if fault and fault.trickle else self._state.trickle
         effect = None
         if fault is not None and fault.then_succeed:
@@ -314,12 +332,37 @@ class Sandbox:
             handler.close_connection = True
             handler.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault is not None and fault.status is not None:
+        if over and fault is None:
+            headers = {"Retry-After": handler.budget_headers["X-RateLimit-Reset"]}
+            _problem(handler, 429, "rate_limit_exceeded", _TITLES[429], headers=headers)
+        elif fault is not None and fault.status is not None:
             self._send_fault(handler, endpoint, invoice, fault)
         elif effect is not None:
             _json(handler, 200, _resend_answer(effect, handler.path))
         else:
             self._answer_normally(handler, endpoint, invoice, body)
+
+    def _count_in_budget(self, path: str) -> tuple[dict[str, str], bool]:
+        """The account's fixed one-second window (under the lock): its X-RateLimit-*
+        headers for this answer, and whether this request is over the budget."""
+        limit = self._state.rate_limit
+        if limit is None or not path.startswith(HOSTUP_PREFIX):
+            return {}, False
+        now = self.now()
+        second, used = self._state.window
+        if int(now) != second:
+            second, used = int(now), 0
+        used += 1
+        self._state.window = (second, used)
+        over = used > limit
+        if over:
+            self._state.rate_limited += 1
+        reset = max(1, math.ceil(second + 1 - now))
+        return {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(max(0, limit - used)),
+            "X-RateLimit-Reset": str(reset),
+        }, over
 
     def _next_fault(self, invoice: str | None, endpoint: str | None) -> Fault | None:
         if invoice is None or endpoint is None:
@@ -451,8 +494,10 @@ class Sandbox:
             headers["Retry-After"] = fault.retry_after
         if fault.rate_limit_reset is not None:
             headers["X-RateLimit-Reset"] = fault.rate_limit_reset
-        if status == 429:
-            headers.setdefault("X-RateLimit-Limit", "60")
+        if status == 429:  # the account's budget, when one is set, else a documented one
+            headers.setdefault(
+                "X-RateLimit-Limit", handler.budget_headers.get("X-RateLimit-Limit", "60")
+            )
             headers.setdefault("X-RateLimit-Remaining", "0")
         if fault.body is not None:
             _raw(handler, status, fault.body.encode(), fault.content_type or "text/html", headers)
@@ -493,6 +538,7 @@ class Sandbox:
                 email_info_lag=doc.get("email_info_lag"),
                 send_after=doc.get("send_after"),
                 trickle=doc.get("trickle"),
+                rate_limit=doc.get("rate_limit"),
             )
             _json(handler, 200, {"ok": True})
         elif method == "POST" and path == "/_sandbox/reset":
@@ -526,6 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     sandbox: Sandbox
     trickle: float = 0.0
+    budget_headers: dict[str, str] = {}  # noqa: RUF012 (replaced per request, never mutated)
 
     def date_time_string(self, timestamp: float | None = None) -> str:
         """The ``Date`` header, in the sandbox API's clock."""
@@ -698,7 +745,7 @@ def _raw(
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
     handler.send_header("Content-Length", str(len(body)))
-    for name, value in (headers or {}).items():
+    for name, value in {**handler.budget_headers, **(headers or {})}.items():
         handler.send_header(name, value)
     handler.end_headers()
     if not handler.trickle or not body:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     email_info_lag_seconds: float = Field(default=5.0, ge=0, le=3600)
     retry_outage_max_wait_seconds: float | None = Field(default=None, ge=0)
+    hostup_max_requests_per_second: float | None = Field(default=None, gt=0)
+    abillify_max_requests_per_second: float | None = Field(default=None, gt=0)
 
     @field_validator("celery_broker_url")
     @classmethod
@@ -99,13 +101,14 @@ class Settings(BaseSettings):
             rate_limit_max_wait_seconds=self.retry_rate_limit_max_wait_seconds,
         )
 
-    def provider_options(self) -> dict[str, str]:
+    def provider_options(self) -> dict[str, Any]:
         """Constructor arguments of the configured provider's client (secrets included)."""
         if self.billing_provider == "hostup":
             assert self.hostup_api_key is not None  # checked at load
             return {
                 "base_url": str(self.hostup_api_base_url),
                 "api_key": self.hostup_api_key.get_secret_value(),
+                "max_requests_per_second": self.hostup_max_requests_per_second,
             }
         assert self.abillify_username is not None
         assert self.abillify_password is not None
@@ -113,6 +116,7 @@ class Settings(BaseSettings):
             "base_url": str(self.abillify_api_base_url),
             "username": self.abillify_username,
             "password": self.abillify_password.get_secret_value(),
+            "max_requests_per_second": self.abillify_max_requests_per_second,
         }
 
     def outage_max_wait_seconds(self) -> float:

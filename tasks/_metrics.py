@@ -95,6 +95,8 @@ INTAKE_PAUSED = Gauge(
 )
 
 _TIMED_STEPS = frozenset({"resend", "email_info", "publish"})
+# Outcomes of a step that made no call: neither an attempt nor a duration.
+_NO_CALL = frozenset({"paused", "paced", "invoice_busy", "lease_lost"})
 
 
 def record_health(states: dict[str, tuple[bool, float]], paused: bool) -> None:
@@ -117,7 +119,7 @@ class MetricsObserver:
             PUBLISHED.labels("invoice.email_failed").inc()
         elif r.outcome == "duplicate":
             DUPLICATES.inc()
-        if r.step == "resend":
+        if r.step == "resend" and r.outcome not in _NO_CALL:
             RESENDS.labels(r.provider, r.outcome).inc()
         if r.outcome in ("rate_limited", "server_error"):
             kind = "429" if r.outcome == "rate_limited" else ("5xx" if r.status else "transport")
@@ -133,7 +135,7 @@ class MetricsObserver:
         if r.outcome == "published_failure":
             PUBLISHED.labels("invoice.email_failed").inc()
             DEAD_LETTERS.labels(r.code or "unknown").inc()
-        if r.step in _TIMED_STEPS and r.duration_seconds is not None:
+        if r.step in _TIMED_STEPS and r.duration_seconds is not None and r.outcome not in _NO_CALL:
             STEP_SECONDS.labels(r.step).observe(r.duration_seconds)
 
 

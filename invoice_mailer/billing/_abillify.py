@@ -20,6 +20,7 @@ from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
 from invoice_mailer.clock import ApiClock
 from invoice_mailer.errors import Rejected
+from invoice_mailer.pacing import RateBudget
 from invoice_mailer.problem import Problem, parse_problem
 from invoice_mailer.untrusted import Redactor
 
@@ -43,7 +44,15 @@ class AbillifyClient:
     has_email_info = False
     idempotency_window_seconds: float | None = IDEMPOTENCY_WINDOW_SECONDS
 
-    def __init__(self, *, http: httpx.Client, base_url: str, username: str, password: str) -> None:
+    def __init__(
+        self,
+        *,
+        http: httpx.Client,
+        base_url: str,
+        username: str,
+        password: str,
+        max_requests_per_second: float | None = None,
+    ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
@@ -54,6 +63,7 @@ class AbillifyClient:
         }
         self._redactor = Redactor(basic=(username, password))
         self.clock = ApiClock()
+        self.budget = RateBudget(max_requests_per_second)
 
     def __repr__(self) -> str:
         return f"AbillifyClient(base_url={self._base_url!r})"
@@ -72,6 +82,7 @@ class AbillifyClient:
             json_body={},
             redactor=self._redactor,
             clock=self.clock,
+            budget=self.budget,
             parse_problem_body=parse_abillify_error,
         )
         arrived = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -14,6 +14,7 @@ from invoice_mailer.billing._http import send
 from invoice_mailer.billing._provider import ResendResult
 from invoice_mailer.clock import MILLISECOND, ApiClock, parse_iso
 from invoice_mailer.errors import Rejected
+from invoice_mailer.pacing import RateBudget
 from invoice_mailer.untrusted import Redactor
 
 __all__ = ["HostUpClient"]
@@ -40,12 +41,20 @@ class HostUpClient:
     has_email_info = True
     idempotency_window_seconds: float | None = None  # not documented; email-info decides
 
-    def __init__(self, *, http: httpx.Client, base_url: str, api_key: str) -> None:
+    def __init__(
+        self,
+        *,
+        http: httpx.Client,
+        base_url: str,
+        api_key: str,
+        max_requests_per_second: float | None = None,
+    ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         self._redactor = Redactor([api_key])
         self.clock = ApiClock()
+        self.budget = RateBudget(max_requests_per_second)
 
     def __repr__(self) -> str:
         return f"HostUpClient(base_url={self._base_url!r})"
@@ -64,6 +73,7 @@ class HostUpClient:
             headers={**self._headers, "Idempotency-Key": idempotency_key},
             redactor=self._redactor,
             clock=self.clock,
+            budget=self.budget,
         )
         try:
             body = _ResendBody.model_validate_json(response.content)
@@ -88,6 +98,7 @@ class HostUpClient:
             headers=self._headers,
             redactor=self._redactor,
             clock=self.clock,
+            budget=self.budget,
         )
         try:
             body = _EmailInfoBody.model_validate_json(response.content)

@@ -17,6 +17,7 @@ import httpx
 
 from invoice_mailer.clock import MILLISECOND, ApiClock, parse_http_date, parse_iso
 from invoice_mailer.errors import TransientError
+from invoice_mailer.pacing import RateBudget
 from invoice_mailer.problem import Problem, error_for, parse_problem, requested_wait
 from invoice_mailer.untrusted import Redactor
 
@@ -228,6 +229,7 @@ def send(
     headers: Mapping[str, str],
     redactor: Redactor,
     clock: ApiClock | None = None,
+    budget: RateBudget | None = None,
     json_body: Any = None,
     parse_problem_body: ProblemParser = parse_problem,
 ) -> httpx.Response:
@@ -235,7 +237,8 @@ def send(
 
     The whole request (connect, send, the answer to its last byte) ends within the
     client's timeout, and an answer is cut off at ``MAX_ANSWER_BYTES``. Every answer's
-    ``Date`` (and a problem's ``timestamp``) goes to ``clock``. The error never carries
+    ``Date`` (and a problem's ``timestamp``) goes to ``clock``, its ``X-RateLimit-*`` to
+    ``budget``. The error never carries
     the request, so a credential in its headers cannot leak through it; and what the
     API says is untrusted: ``redactor`` masks the credentials in the body before it is
     parsed (an API may echo the request), and cleans the problem's code and detail
@@ -267,6 +270,8 @@ def send(
     server_date = parse_http_date(response.headers.get("date"))
     if clock is not None and server_date is not None:
         clock.observe(sent=sent, received=received, server=server_date, resolution=1.0)
+    if budget is not None:
+        budget.observe(response.headers, server_date or received)
     if response.is_success:
         return response
     body = redactor.secrets(response.content.decode("utf-8", "replace")).encode()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from invoice_mailer.clock import ApiClock
+from invoice_mailer.pacing import RateBudget
 
 __all__ = ["BillingProvider", "ResendResult"]
 
@@ -33,13 +34,14 @@ class BillingProvider(Protocol):
     whether ``email_info`` exists; the pipeline skips that step otherwise.
     ``idempotency_window_seconds`` is how long the API remembers an
     ``Idempotency-Key`` (None: not promised). ``clock`` is the API's clock as its
-    answers tell it.
+    answers tell it, ``budget`` its request budget (``X-RateLimit-*`` or configured).
     """
 
     name: str
     has_email_info: bool
     idempotency_window_seconds: float | None
     clock: ApiClock
+    budget: RateBudget
 
     def resend(self, invoice: str, *, idempotency_key: str) -> ResendResult: ...
 

@@ -454,14 +454,16 @@ class SqlLedger(ABC):
 
     def reserve(self, dependency: str, not_before: float, interval: float) -> float:
         rows = self._execute(
-            f"""UPDATE {HEALTH_TABLE} SET next_slot = CASE
-                        WHEN next_slot IS NOT NULL AND next_slot > :not_before
-                        THEN next_slot ELSE :not_before END + :interval
-                WHERE dependency = :dependency
+            f"""INSERT INTO {HEALTH_TABLE} (dependency, state, since, next_slot)
+                VALUES (:dependency, 'healthy', :not_before, :not_before + :interval)
+                ON CONFLICT (dependency) DO UPDATE SET next_slot = CASE
+                        WHEN {HEALTH_TABLE}.next_slot IS NOT NULL
+                             AND {HEALTH_TABLE}.next_slot > :not_before
+                        THEN {HEALTH_TABLE}.next_slot ELSE :not_before END + :interval
                 RETURNING next_slot""",
             {"dependency": dependency, "not_before": not_before, "interval": interval},
         )
-        return float(rows[0]["next_slot"]) - interval if rows else not_before
+        return float(rows[0]["next_slot"]) - interval
 
     def _get(self, key: EventKey) -> Record | None:
         rows = self._execute(f"SELECT * FROM {TABLE} WHERE {_KEY}", _key(key))

@@ -121,11 +121,15 @@ def test_one_process_opens_the_circuit_for_all_and_one_probe_closes_it() -> None
 
 def test_waiting_events_come_back_spread_not_in_one_wave() -> None:
     store, clock = InMemoryHealthStore(), _Clock()
-    deps = Dependencies(store, clock=clock, cache_seconds=0, spacing_seconds=0.05)
+    deps = Dependencies(store, clock=clock, cache_seconds=0)
     deps.hold("budget:hostup", T0 + 5, "429 rate_limit_exceeded")
-    waits = [deps.check("budget:hostup", f"run-{n}").wait for n in range(200)]
+    # The budget known (20/s): one slot each, 50 ms apart, after the gate's time.
+    waits = [deps.check("budget:hostup", f"run-{n}", spacing=0.05).wait for n in range(200)]
     assert min(waits) == pytest.approx(5)
     assert max(waits) == pytest.approx(5 + 199 * 0.05)
+    # Unknown: spread over the second after it, nothing reserved.
+    unknown = [deps.check("budget:hostup", f"run-{n}").wait for n in range(200)]
+    assert 5 <= min(unknown) < max(unknown) < 6
 
 
 def test_a_state_change_is_one_log_line_per_process_and_a_reminder_while_it_lasts(

@@ -612,8 +612,8 @@ class Pipeline:
             names = [BUS]
         else:
             return None
-        rate = self._provider.budget.rate()
-        spacing = 1.0 / rate if rate else None
+        rate = self._provider.budget.rate() if step in API_STEPS else None
+        spacing = 1.0 / rate if rate else None  # the API's rate, for the API's waits
         for name in names:
             gate = self._deps.check(name, run.owner, spacing=spacing)
             if gate.probe:

@@ -34,11 +34,16 @@ class RateBudget:
         self._limit: float | None = None
         self._window = 0.0
         self._lock = threading.Lock()
+        self.remaining: float | None = None
+        """The last ``X-RateLimit-Remaining`` told (requests left in the window), if any."""
 
     def observe(self, headers: Mapping[str, str], api_now: float) -> None:
         """One answer's ``X-RateLimit-Limit`` and ``X-RateLimit-Reset``, if it has them."""
         limit = _number(headers.get("x-ratelimit-limit"))
         reset = _number(headers.get("x-ratelimit-reset"))
+        remaining = _number(headers.get("x-ratelimit-remaining"))
+        if remaining is not None:
+            self.remaining = remaining
         if limit is None or limit <= 0 or reset is None:
             return
         if reset >= _EPOCH:

@@ -752,6 +752,11 @@ class Pipeline:
         )
         return states
 
+    def budget(self) -> tuple[str, float | None, float | None]:
+        """(provider, the request rate kept to, requests left in the API's window)."""
+        budget = self._provider.budget
+        return (self._provider.name, budget.rate(), budget.remaining)
+
     def unhealthy(self) -> list[str]:
         """The dependencies this process sees unhealthy (the ledger included), with why:
         while any is, the consumer takes no new events."""

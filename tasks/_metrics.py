@@ -88,6 +88,18 @@ PAUSED = Counter(
     "Attempts held back in the broker by an unhealthy dependency (no try used up)",
     ["dependency"],
 )
+BUDGET_RATE = Gauge(
+    f"{_P}_budget_requests_per_second",
+    "The request rate the fleet keeps to (learned from X-RateLimit-* or configured)",
+    ["provider"],
+    multiprocess_mode="min",
+)
+BUDGET_REMAINING = Gauge(
+    f"{_P}_budget_remaining",
+    "Requests left in the API's current window, as its last answer told",
+    ["provider"],
+    multiprocess_mode="min",
+)
 INTAKE_PAUSED = Gauge(
     f"{_P}_intake_paused",
     "1 while this process takes no new raw events (a dependency is unhealthy)",
@@ -99,12 +111,23 @@ _TIMED_STEPS = frozenset({"resend", "email_info", "publish"})
 _NO_CALL = frozenset({"paused", "paced", "invoice_busy", "lease_lost"})
 
 
-def record_health(states: dict[str, tuple[bool, float]], paused: bool) -> None:
-    """Set the dependency gauges: ``states`` maps a dependency to (healthy, unhealthy for)."""
+def record_health(
+    states: dict[str, tuple[bool, float]],
+    paused: bool,
+    budget: tuple[str, float | None, float | None] | None = None,
+) -> None:
+    """Set the dependency gauges: ``states`` maps a dependency to (healthy, unhealthy for);
+    ``budget`` is (provider, requests/s kept to, requests left in the window)."""
     for dependency, (ok, lasted) in states.items():
         DEPENDENCY_HEALTHY.labels(dependency).set(1 if ok else 0)
         DEPENDENCY_UNHEALTHY_SECONDS.labels(dependency).set(0 if ok else lasted)
     INTAKE_PAUSED.set(1 if paused else 0)
+    if budget is not None:
+        provider, rate, remaining = budget
+        if rate is not None:
+            BUDGET_RATE.labels(provider).set(rate)
+        if remaining is not None:
+            BUDGET_REMAINING.labels(provider).set(remaining)
 
 
 class MetricsObserver:

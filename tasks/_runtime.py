@@ -123,7 +123,11 @@ class Runtime:
                         self._ensure()
                     self.paused_because = self.unhealthy()
                     if self._pipeline is not None:
-                        record_health(self._pipeline.dependency_states(), bool(self.paused_because))
+                        record_health(
+                            self._pipeline.dependency_states(),
+                            bool(self.paused_because),
+                            self._pipeline.budget(),
+                        )
                 except LedgerError as exc:
                     self.paused_because = [f"ledger: {exc}"]
                 except Exception:

@@ -110,8 +110,9 @@ def test_three_workers_keep_to_an_account_budget_they_learn_from_the_headers(
     and the fleet uses the budget (within 10% of it)."""
     budget = 40
     sandbox.configure(rate_limit=budget)
-    for _ in range(3):
-        start_worker(concurrency=16, **IMPATIENT)
+    port = _free_port()
+    for n in range(3):
+        start_worker(concurrency=16, METRICS_PORT=port if n == 0 else 0, **IMPATIENT)
     invoices = [new_invoice() for _ in range(300)]
     for invoice in invoices:
         bus.reissue(invoice)
@@ -127,6 +128,36 @@ def test_three_workers_keep_to_an_account_budget_they_learn_from_the_headers(
     assert {e["type"] for e in events} == {"invoice.email_queued"}
     assert refused < 0.05 * len(requests)
     assert rate >= 0.9 * budget
+    # What an operator's dashboard reads: the rate kept to, the budget left, all healthy.
+    wait_until(
+        lambda: 'invoice_mailer_budget_requests_per_second{provider="hostup"}' in _scrape(port),
+        timeout=10,
+        what="the budget's gauges",
+    )
+    metrics = _scrape(port)
+    assert metrics['invoice_mailer_budget_requests_per_second{provider="hostup"}'] == 38.0
+    assert 0 <= metrics['invoice_mailer_budget_remaining{provider="hostup"}'] <= budget
+    assert metrics['invoice_mailer_dependency_healthy{dependency="api:hostup"}'] == 1.0
+    assert metrics["invoice_mailer_intake_paused"] == 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 @pytest.mark.long

@@ -31,7 +31,7 @@ The transitions are pure functions of the state and the clock, tested as a table
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
@@ -131,34 +131,48 @@ class Gate:
 
 
 class Outcomes:
-    """One process's recent calls to one dependency: enough to tell an outage."""
+    """One process's recent calls to one dependency: enough to tell an outage.
+
+    Counts are kept as outcomes enter and leave the window, so each call costs O(1)
+    (scanning the window on every call was most of a worker's CPU under load).
+    """
 
     def __init__(self, policy: BreakerPolicy) -> None:
         self._policy = policy
         self._seen: deque[tuple[float, bool, str]] = deque()
+        self._failed_keys: Counter[str] = Counter()
+        self._failures = 0
         self._lock = threading.Lock()
 
     def add(self, now: float, ok: bool, key: str) -> bool:
         """Record one outcome; True if the window now shows an outage."""
         with self._lock:
             self._seen.append((now, ok, key))
+            if not ok:
+                self._failures += 1
+                self._failed_keys[key] += 1
             horizon = now - self._policy.window_seconds
             while self._seen and self._seen[0][0] < horizon:
-                self._seen.popleft()
-            return self._outage()
-
-    def _outage(self) -> bool:
-        failures = [key for _, ok, key in self._seen if not ok]
-        p = self._policy
-        return (
-            len(failures) >= p.min_failures
-            and len(set(failures)) >= p.min_keys
-            and len(failures) >= p.failure_ratio * len(self._seen)
-        )
+                _, gone_ok, gone_key = self._seen.popleft()
+                if not gone_ok:
+                    self._failures -= 1
+                    self._failed_keys[gone_key] -= 1
+                    if not self._failed_keys[gone_key]:
+                        del self._failed_keys[gone_key]
+            if ok:
+                return False  # a success never makes an outage
+            p = self._policy
+            return (
+                self._failures >= p.min_failures
+                and len(self._failed_keys) >= p.min_keys
+                and self._failures >= p.failure_ratio * len(self._seen)
+            )
 
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
+            self._failed_keys.clear()
+            self._failures = 0
 
 
 class HealthStore(Protocol):

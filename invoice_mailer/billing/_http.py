@@ -292,6 +292,10 @@ def send(
 
 def _read_capped(streamed: httpx.Response) -> httpx.Response:
     """The answer with its body read, up to ``MAX_ANSWER_BYTES`` (the rest unread)."""
+    length = streamed.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= MAX_ANSWER_BYTES:
+        streamed.read()  # the usual answer, of a size it announced: read it whole
+        return streamed
     chunks, size = [], 0
     for chunk in streamed.iter_bytes():
         chunks.append(chunk[: MAX_ANSWER_BYTES - size])

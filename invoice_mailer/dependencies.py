@@ -124,13 +124,17 @@ class Dependencies:
             return
         self._window(dependency).add(now, True, key)
 
-    def failed(self, dependency: str, key: str, detail: str, *, probe: bool = False) -> None:
-        """A call failed as an outage would fail it (5xx, timeout, no connection, no route)."""
+    def failed(
+        self, dependency: str, key: str, detail: str, *, probe: bool = False, certain: bool = False
+    ) -> None:
+        """A call failed as an outage would fail it (5xx, timeout, no connection, no route).
+        ``certain``: the dependency said itself that it serves no one (a broker's
+        ``connection.blocked``): it opens at once, without a window of failures."""
         now = self._now()
         if probe:
             self._settle_probe(dependency, False, now, detail)
             return
-        if self._window(dependency).add(now, False, key):
+        if self._window(dependency).add(now, False, key) or certain:
             current = self._store.health(dependency, now)
             if current.ok and self._store.put(
                 opened(current, now, detail, self._policy), expect=State.HEALTHY

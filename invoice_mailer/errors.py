@@ -109,6 +109,9 @@ class PublishFailure(StrEnum):
     """The broker refused it (a memory or disk alarm, a queue limit)."""
     UNROUTABLE = "unroutable"
     """Confirmed, but no queue is bound to its routing key: nobody would get it."""
+    BLOCKED = "blocked"
+    """The broker blocks publishing (memory or disk alarm); what was written goes out
+    when the alarm clears."""
     UNREACHABLE = "unreachable"
     """No connection, or it broke before the confirm."""
     CLOSED = "closed"
@@ -116,12 +119,14 @@ class PublishFailure(StrEnum):
 
 
 class PublishError(InvoiceMailerError):
-    """The bus did not take an event; ``reason`` says why, ``detail`` for humans."""
+    """The bus did not take an event; ``reason`` says why, ``detail`` for humans.
+    ``held``: the broker has the message and may still take it (a blocked broker)."""
 
-    def __init__(self, reason: PublishFailure, detail: str) -> None:
+    def __init__(self, reason: PublishFailure, detail: str, *, held: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.held = held
 
 
 class LedgerError(InvoiceMailerError):

@@ -33,7 +33,13 @@ from typing import Any
 from invoice_mailer.billing import BillingProvider, ResendResult
 from invoice_mailer.clock import Offset, Placement, parse_iso, placement
 from invoice_mailer.dependencies import BUS, Dependencies, api, budget, pace
-from invoice_mailer.errors import BillingError, PublishError, RateLimited, TransientError
+from invoice_mailer.errors import (
+    BillingError,
+    PublishError,
+    PublishFailure,
+    RateLimited,
+    TransientError,
+)
 from invoice_mailer.events import (
     EMAIL_FAILED,
     EMAIL_QUEUED,
@@ -42,7 +48,15 @@ from invoice_mailer.events import (
     outgoing_event_id,
 )
 from invoice_mailer.job import EventRef, Job
-from invoice_mailer.ledger import AlreadyDone, Busy, InvoiceBusy, Ledger, LedgerError, Record
+from invoice_mailer.ledger import (
+    AlreadyDone,
+    Busy,
+    EventKey,
+    InvoiceBusy,
+    Ledger,
+    LedgerError,
+    Record,
+)
 from invoice_mailer.observe import LoggingObserver, Observer, StepRecord
 from invoice_mailer.policy import (
     GiveUp,
@@ -201,6 +215,9 @@ class Pipeline:
         self._deps = dependencies
         self._outage_max_wait = outage_max_wait_seconds
         self._ledger_down: list[float] = []  # [since, last reminder] while it is down
+        # Outgoing events a blocked broker holds unconfirmed: id -> (event key, job, the
+        # ledger write that says it went out), for ``confirmed_late``.
+        self._held: dict[str, tuple[EventKey, Job, Callable[..., Record]]] = {}
 
     def run(self, job: Job) -> Outcome:
         """Claim the event, then perform each step its record calls for, until one waits."""
@@ -537,7 +554,11 @@ class Pipeline:
             id_scheme=run.record.id_scheme,
         )
         try:
-            self._publish(run, lambda: self._publisher.publish_event(event, EMAIL_FAILED))
+            self._publish(
+                run,
+                lambda: self._publisher.publish_event(event, EMAIL_FAILED),
+                held=(event["id"], self._ledger.record_failed),
+            )
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
         run.record = self._ledger.record_failed(run.key, event["id"], now=self._now())
@@ -581,7 +602,11 @@ class Pipeline:
         )
         started = self._clock()
         try:
-            self._publish(run, lambda: self._publisher.publish_event(event, EMAIL_QUEUED))
+            self._publish(
+                run,
+                lambda: self._publisher.publish_event(event, EMAIL_QUEUED),
+                held=(event["id"], self._ledger.record_published),
+            )
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
         run.record = self._ledger.record_published(run.key, event["id"], now=self._now())
@@ -725,19 +750,44 @@ class Pipeline:
         elif probing == budget_name:
             deps.succeeded(budget_name, invoice, probe=True)
 
-    def _publish(self, run: _Run, publish: Callable[[], None]) -> None:
-        """One publish; its outcome tells the bus's shared health."""
+    def _publish(
+        self,
+        run: _Run,
+        publish: Callable[[], None],
+        *,
+        held: tuple[str, Callable[..., Record]] | None = None,
+    ) -> None:
+        """One publish; its outcome tells the bus's shared health. A blocked broker says
+        so itself: the bus is unhealthy for the fleet at once. What it holds (``held``:
+        the outgoing id, and the ledger write for it) is recorded by ``confirmed_late``."""
         deps = self._deps
         probe = run.probe == BUS
         run.probe = None if probe else run.probe
         try:
             publish()
         except PublishError as exc:
+            blocked = exc.reason is PublishFailure.BLOCKED
+            if exc.held and held is not None:
+                self._held[held[0]] = (run.key, run.job, held[1])
             if deps is not None:
-                deps.failed(BUS, run.job.event.event_id, f"{exc.reason}: {exc.detail}", probe=probe)
+                detail = f"{exc.reason}: {exc.detail}"
+                deps.failed(BUS, run.job.event.event_id, detail, probe=probe, certain=blocked)
             raise
+        if held is not None:
+            self._held.pop(held[0], None)
         if deps is not None:
             deps.succeeded(BUS, run.job.event.event_id, probe=probe)
+
+    def confirmed_late(self, outgoing_ids: list[str]) -> None:
+        """A blocked broker took these events after all: the ledger says they went out
+        (before their retries come), so no retry sends one twice."""
+        for outgoing_id in outgoing_ids:
+            held = self._held.pop(outgoing_id, None)
+            if held is None:
+                continue
+            key, job, record = held
+            record(key, outgoing_id, now=self._now())
+            self._log(job, PUBLISH, "published", self._clock(), code="confirmed_late")
 
     def dependency_states(self) -> dict[str, tuple[bool, float]]:
         """Each dependency this process calls: (healthy, for how long it has not been)."""

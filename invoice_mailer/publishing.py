@@ -88,8 +88,11 @@ class InMemoryPublisher:
         self.refuse_dead_letters: PublishFailure | None = None
 
     def publish_event(self, event: Mapping[str, Any], routing_key: str) -> None:
-        if self.refuse_events is not None:
-            raise PublishError(self.refuse_events, f"refused {routing_key!r} (in memory)")
+        if self.refuse_events is not None:  # BLOCKED as a broker's first one: written, held
+            held = self.refuse_events is PublishFailure.BLOCKED
+            raise PublishError(
+                self.refuse_events, f"refused {routing_key!r} (in memory)", held=held
+            )
         self.events.append((routing_key, dict(event)))
 
     def dead_letter(self, letter: DeadLetter) -> None:

@@ -121,6 +121,7 @@ class Runtime:
                 try:
                     if self._ledger_failed is not None or self._pipeline is not None:
                         self._ensure()
+                    self._settle_blocked()
                     self.paused_because = self.unhealthy()
                     if self._pipeline is not None:
                         record_health(
@@ -137,6 +138,12 @@ class Runtime:
             self._stop_watch.clear()
             self._watcher = threading.Thread(target=loop, name="health-watch", daemon=True)
             self._watcher.start()
+
+    def _settle_blocked(self) -> None:
+        """Publishes a blocked broker held: those it took since are recorded as out."""
+        publisher, pipeline = self._publisher, self._pipeline
+        if publisher is not None and pipeline is not None and publisher.blocked:
+            pipeline.confirmed_late(publisher.settle_blocked())
 
     def close(self) -> None:
         self._stop_watch.set()

@@ -10,7 +10,7 @@ import pytest
 
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.broker import Bus, memory_alarm, new_invoice, wait_until
 
 # A retry table that would give up after about 10 s of 5xx.
 IMPATIENT = {
@@ -87,6 +87,42 @@ def test_nothing_bound_downstream_pauses_instead_of_storming(
     lines, loud = len(log.splitlines()), len(_loud(log))
     print(f"nothing bound 30 s, 30 events: {lines} log lines, {loud} warnings or errors")
     assert "bus opened for every worker" in log
+    assert loud <= 15
+
+
+@pytest.mark.long
+def test_a_blocked_broker_pauses_the_fleet_and_doubles_nothing(
+    start_worker: StartWorker, broker_url: str, sandbox: Sandbox
+) -> None:
+    """RabbitMQ's memory alarm for 20 s mid-burst: the broker blocks every publishing
+    connection. The bus is unhealthy for the fleet at once (the broker said why), intake
+    pauses, nothing is given up or dead-lettered; after the alarm every event goes out
+    exactly once."""
+    sandbox.configure(latency=0.2)
+    downstream = Bus(broker_url)  # consumes only: the alarm does not block it
+    upstream = Bus(broker_url, listen=False)
+    worker = start_worker(concurrency=8, **IMPATIENT)
+    invoices = [new_invoice() for _ in range(40)]
+    try:
+        for invoice in invoices:
+            upstream.reissue(invoice)
+        downstream.wait_for(5, timeout=30)
+        with memory_alarm():
+            time.sleep(20)  # the alarm's length
+        events = downstream.wait_for(40, timeout=90)
+        settled = downstream.drain()
+        letters = downstream.dead_letters()
+    finally:
+        downstream.close()
+        upstream.close()
+    log = worker.log()
+    lines, loud = len(log.splitlines()), len(_loud(log))
+    print(f"broker blocked 20 s, 40 events: {lines} log lines, {loud} warnings or errors")
+    assert sorted(e["data"]["invoiceId"] for e in settled) == sorted(invoices)
+    assert len({e["id"] for e in settled}) == len(settled) == len(events) == 40
+    assert letters == []
+    assert all(len(sandbox.emails(invoice)) == 1 for invoice in invoices)
+    assert "bus opened for every worker: blocked" in log
     assert loud <= 15
 
 

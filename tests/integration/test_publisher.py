@@ -7,7 +7,7 @@ import pytest
 from broker import EventPublisher, Topology
 from invoice_mailer.errors import PublishError, PublishFailure
 from invoice_mailer.events import EMAIL_QUEUED
-from tests.support.broker import Bus
+from tests.support.broker import Bus, memory_alarm, wait_until
 
 
 def test_a_closed_publisher_refuses_to_publish_and_does_not_reconnect(
@@ -46,3 +46,40 @@ def test_a_broker_that_cannot_be_reached_is_unreachable() -> None:
     finally:
         publisher.close()
     assert refused.value.reason is PublishFailure.UNREACHABLE
+
+
+def test_a_blocked_broker_holds_one_copy_and_the_publisher_sends_no_second(
+    broker_url: str, bus: Bus
+) -> None:
+    """Under a memory alarm the first publish is written before RabbitMQ can say it
+    blocks: it ends at once as BLOCKED, held (the broker will take it); a later publish
+    is refused unwritten. Once the alarm clears, ``settle_blocked`` names the held
+    message, and publishing it again (its retry) writes no second copy."""
+    publisher = EventPublisher.connect(broker_url, Topology())
+    try:
+        publisher.publish_event({"id": "warm"}, EMAIL_QUEUED)  # connected before the alarm
+        with memory_alarm():
+            with pytest.raises(PublishError) as held:
+                publisher.publish_event({"id": "e1"}, EMAIL_QUEUED)
+            with pytest.raises(PublishError) as refused:
+                publisher.publish_event({"id": "e2"}, EMAIL_QUEUED)
+            assert publisher.blocked
+            assert publisher.settle_blocked() == []  # still blocked: nothing settled
+        settled: list[str] = []
+        wait_until(
+            lambda: bool(settled.extend(publisher.settle_blocked()) or settled),
+            timeout=10,
+            what="the late confirm",
+        )
+        assert not publisher.blocked
+        publisher.publish_event({"id": "e1"}, EMAIL_QUEUED)  # e1's retry
+        publisher.publish_event({"id": "e2"}, EMAIL_QUEUED)
+        bus.wait_for(3)
+        ids = [e["id"] for e in bus.drain()]
+    finally:
+        publisher.close()
+    assert (held.value.reason, held.value.held) == (PublishFailure.BLOCKED, True)
+    assert (refused.value.reason, refused.value.held) == (PublishFailure.BLOCKED, False)
+    assert "not sent" in refused.value.detail
+    assert settled == ["e1"]
+    assert sorted(ids) == ["e1", "e2", "warm"]

@@ -339,6 +339,35 @@ def restart_rabbitmq(*, down_seconds: float = 0) -> None:
     subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
 
 
+@contextmanager
+def memory_alarm() -> Iterator[None]:
+    """RabbitMQ's memory alarm raised (a high watermark of 0: the broker blocks every
+    publishing connection) for the block's duration, and the node's own watermark put
+    back after, whatever happens in between."""
+    old = _eval(
+        "W = vm_memory_monitor:get_vm_memory_high_watermark(), "
+        "vm_memory_monitor:set_vm_memory_high_watermark(0.0), W."
+    )
+    try:
+        wait_until(lambda: _eval("rabbit_alarm:get_alarms().") != "[]", timeout=30, what="alarm")
+        yield
+    finally:
+        _eval(f"vm_memory_monitor:set_vm_memory_high_watermark({old}).")
+        wait_until(lambda: _eval("rabbit_alarm:get_alarms().") == "[]", timeout=30, what="clear")
+
+
+def _eval(expression: str) -> str:
+    """An Erlang expression evaluated on the broker's node; what it printed."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "eval", expression],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip()
+
+
 def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
     import time

@@ -119,6 +119,18 @@ def test_one_process_opens_the_circuit_for_all_and_one_probe_closes_it() -> None
     assert a.check("api:hostup", "run-a").go
 
 
+def test_a_dependency_that_says_itself_it_serves_no_one_opens_at_once() -> None:
+    """A broker's connection.blocked is about every publish, not one: one failure opens
+    the circuit, where an ordinary failure only joins the window."""
+    store, clock = InMemoryHealthStore(), _Clock()
+    deps = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0)
+    deps.failed("bus", "e1", "unroutable: no queue bound")
+    assert store.health("bus", clock.now).ok
+    deps.failed("bus", "e2", "blocked: memory alarm", certain=True)
+    health = store.health("bus", clock.now)
+    assert (health.state, health.detail) == (State.OPEN, "blocked: memory alarm")
+
+
 def test_waiting_events_come_back_spread_not_in_one_wave() -> None:
     store, clock = InMemoryHealthStore(), _Clock()
     deps = Dependencies(store, clock=clock, cache_seconds=0)

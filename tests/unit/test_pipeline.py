@@ -11,7 +11,7 @@ import respx
 
 from invoice_mailer.billing import AbillifyClient
 from invoice_mailer.errors import PublishFailure
-from invoice_mailer.events import Reissued
+from invoice_mailer.events import EMAIL_QUEUED, Reissued, outgoing_event_id
 from invoice_mailer.ledger import Ledger
 from invoice_mailer.pipeline import Checkpoint, Done, GaveUp, Job, Pipeline, RetryLater
 from invoice_mailer.policy import RetryPolicy
@@ -202,6 +202,30 @@ def test_a_given_up_event_is_dead_lettered_once_however_often_its_event_must_wai
     assert len(route.calls) == 1
     assert [d.code for d in pub.dead_letters] == ["ERR_INVALID_VALUE"]
     assert [e["type"] for _, e in pub.events] == ["invoice.email_failed"]
+
+
+@respx.mock
+def test_an_event_a_blocked_broker_took_late_is_recorded_and_never_published_again(
+    ledger: Ledger, http: httpx.Client
+) -> None:
+    """The broker blocks (a memory alarm) with the event written: the publish is held.
+    When the broker's late confirm comes, the ledger records the event as out, and its
+    retry publishes nothing."""
+    respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
+    pub.refuse_events = PublishFailure.BLOCKED
+    pipeline = _pipeline(ledger, http, clock, pub)
+    outcome = pipeline.run(JOB)
+    assert isinstance(outcome, RetryLater)
+    assert outcome.step == "publish"
+    pub.refuse_events = None
+    outgoing = outgoing_event_id(EMAIL_QUEUED, "/billing", "evt_1")
+    pipeline.confirmed_late([outgoing, "an id this process never held"])
+    (record,) = ledger.find(JOB.event.event_id)
+    assert record.outcome_event_id == outgoing
+    clock.now += outcome.delay_seconds
+    assert not isinstance(pipeline.run(outcome.job), RetryLater)
+    assert pub.events == []
 
 
 class _ForgetfulLedger:

@@ -69,6 +69,7 @@ def run_demo(*, verbose: bool) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with Sandbox() as sandbox, tempfile.TemporaryDirectory() as ledger_dir:
         settings = load_or_exit(
+            require_provider=True,
             celery_broker_url=MEMORY_BROKER,
             billing_provider="hostup",
             hostup_api_base_url=sandbox.hostup_url,

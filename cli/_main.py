@@ -89,7 +89,7 @@ main.add_command(status)
 def check() -> None:
     """Check settings (exit 78), the broker (2), the billing API (3), the ledger (4), and
     the dependency health the fleet shares (5: one is unhealthy, events wait for it)."""
-    settings = load_or_exit()
+    settings = load_or_exit(require_provider=True)
     click.echo(f"settings   ok      provider={settings.billing_provider}")
     broker = maybe_sanitize_url(settings.celery_broker_url)
     try:

@@ -7,18 +7,31 @@ A bad setting stops the process with one line naming the variable
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from settings._settings import Settings, SettingsError, load
 
-__all__ = ["EXIT_CONFIG", "Settings", "SettingsError", "load", "load_or_exit"]
+__all__ = [
+    "EXIT_CONFIG",
+    "Settings",
+    "SettingsError",
+    "exit_config",
+    "load",
+    "load_or_exit",
+]
 
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: supervisors can tell "fix the config" from a crash
 
 
-def load_or_exit(**overrides: object) -> Settings:
+def load_or_exit(*, require_provider: bool = False, **overrides: object) -> Settings:
     """``load()``, or print ``invoice-mailer: VARIABLE: problem`` to stderr and exit 78."""
     try:
-        return load(**overrides)
+        return load(require_provider=require_provider, **overrides)
     except SettingsError as exc:
-        print(f"invoice-mailer: invalid setting {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        exit_config(exc)
+
+
+def exit_config(exc: SettingsError) -> NoReturn:
+    """The one line naming what is wrong, and exit 78."""
+    print(f"invoice-mailer: invalid setting {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG) from None

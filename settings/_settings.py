@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from typing import Any, Literal, Self
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
@@ -77,21 +80,34 @@ class Settings(BaseSettings):
             raise ValueError("must be user:password")
         return value
 
+    @field_validator("billing_provider", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _provider_credentials(self) -> Self:
-        if self.billing_provider == "hostup" and self.hostup_api_key is None:
-            raise _Missing("hostup_api_key", "required when BILLING_PROVIDER=hostup")
-        if self.billing_provider == "abillify":
-            if not self.abillify_username:
-                raise _Missing("abillify_username", "required when BILLING_PROVIDER=abillify")
-            if self.abillify_password is None:
-                raise _Missing("abillify_password", "required when BILLING_PROVIDER=abillify")
+    def _consistent(self) -> Self:
         if self.retry_server_error_max_seconds < self.retry_server_error_base_seconds:
             raise _Missing(
                 "retry_server_error_max_seconds",
                 "must not be below RETRY_SERVER_ERROR_BASE_SECONDS",
             )
         return self
+
+    def require_provider(self) -> None:
+        """The configured provider's credentials are set, or SettingsError naming them.
+        Only what calls the billing API needs them (the worker, ``check``, the demo):
+        Flower, ``status``, ``dead-letters``, ``ledger`` and ``celery inspect`` do not."""
+        missing = []
+        if self.billing_provider == "hostup" and self.hostup_api_key is None:
+            missing.append("HOSTUP_API_KEY: required when BILLING_PROVIDER=hostup")
+        if self.billing_provider == "abillify":
+            if not self.abillify_username:
+                missing.append("ABILLIFY_USERNAME: required when BILLING_PROVIDER=abillify")
+            if self.abillify_password is None:
+                missing.append("ABILLIFY_PASSWORD: required when BILLING_PROVIDER=abillify")
+        if missing:
+            raise SettingsError("; ".join(missing))
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -154,21 +170,52 @@ class _Missing(ValueError):
         self.field = field
 
 
-def load(**overrides: object) -> Settings:
-    """Read the environment (``overrides`` win); raise SettingsError naming the variable."""
+# Prefixes only this service reads: a variable that has one and is not a setting is a
+# typo (HOSTUP_APIKEY), refused rather than silently ignored. SENTRY_, FLOWER_, HTTP_ and
+# CELERY_ are not among them: sentry-sdk, Flower, proxies and Celery read their own.
+OWN_PREFIXES = ("HOSTUP_", "ABILLIFY_", "RETRY_", "LEDGER_", "BILLING_", "EMAIL_INFO_", "METRICS_")
+
+
+def load(*, require_provider: bool = False, **overrides: object) -> Settings:
+    """Read the environment (``overrides`` win); raise SettingsError naming every bad
+    variable, in one line. ``require_provider``: the provider's credentials too."""
+    problems = _unknown(os.environ)
+    settings = None
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise SettingsError(_one_line(exc)) from None
+        problems += _lines(exc)
     except _Missing as exc:
-        raise SettingsError(f"{exc.field.upper()}: {exc}") from None
+        problems.append(f"{exc.field.upper()}: {exc}")
+    if settings is not None and require_provider:
+        try:
+            settings.require_provider()
+        except SettingsError as exc:
+            problems.append(str(exc))
+    if problems or settings is None:
+        raise SettingsError("; ".join(problems))
+    return settings
 
 
-def _one_line(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False, include_input=False)[0]
-    field = str(error["loc"][0]).upper() if error["loc"] else "settings"
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, _Missing):
-        return f"{cause.field.upper()}: {cause}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{field}: {message}"
+def _unknown(environ: Mapping[str, str]) -> list[str]:
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(OWN_PREFIXES) and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            found.append(f"{upper}: not a setting{hint}")
+    return found
+
+
+def _lines(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]).upper() if error["loc"] else "settings"
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _Missing):
+            lines.append(f"{cause.field.upper()}: {cause}")
+            continue
+        lines.append(f"{field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return lines

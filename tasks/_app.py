@@ -113,6 +113,7 @@ def create_app(
     # The raw-event consumer, by name: consumers depend on tasks, not the reverse.
     app.steps["consumer"].add("consumers:ReissuedEventConsumer")
     app.steps["consumer"].add("tasks._startup:DelayedDeliveryCheck")
+    app.steps["worker"].add("tasks._startup:ProviderCredentials")
     app.steps["worker"].add("tasks._startup:MetricsServer")
     from tasks import pipeline
 

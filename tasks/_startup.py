@@ -13,10 +13,24 @@ from typing import Any
 from celery import bootsteps
 
 from broker import DelayedDeliveryMissing, check_delayed_delivery
+from settings import SettingsError, exit_config
 
-__all__ = ["DelayedDeliveryCheck", "DelayedDeliveryMissing"]
+__all__ = ["DelayedDeliveryCheck", "DelayedDeliveryMissing", "ProviderCredentials"]
 
 log = logging.getLogger("invoice_mailer.startup")
+
+
+class ProviderCredentials(bootsteps.Step):  # type: ignore[misc]
+    """A worker calls the billing API: without the provider's credentials it must not
+    start (exit 78, one line). Flower and ``celery inspect`` build the same app and do
+    not need them, so the check is the worker's, not the app's."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        try:
+            worker.app.settings.require_provider()
+        except SettingsError as exc:
+            exit_config(exc)
 
 
 class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]

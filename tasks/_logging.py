@@ -9,16 +9,74 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
-from celery import signals
+from celery import current_task, signals
+from kombu.utils.url import maybe_sanitize_url
 from pythonjsonlogger.json import JsonFormatter
 
 from invoice_mailer.untrusted import EMAIL
 
-__all__ = ["MaskAddresses", "configure_logging"]
+__all__ = ["ConsoleFormatter", "MaskAddresses", "TaskContext", "configure_logging"]
 
 _format = "console"
+
+# The fields a line's reader needs to find its event, in this order, after the message.
+CONSOLE_FIELDS = (
+    "event_id",
+    "invoice",
+    "task_id",
+    "attempt",
+    "status",
+    "code",
+    "wait_seconds",
+    "dependency",
+    "state",
+)
+
+
+def _rfc3339_utc(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``[time LEVEL/process] logger: message key=value ...``: the structured fields a
+    JSON line carries (event, invoice, task id...) also on the console, and the time in
+    RFC 3339 UTC, so that lines from several hosts sort and grep alike."""
+
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s %(levelname)s/%(processName)s] %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _rfc3339_utc(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [(k, getattr(record, k, None)) for k in CONSOLE_FIELDS]
+        pairs = " ".join(f"{k}={v}" for k, v in fields if v is not None)
+        if not pairs:
+            return line
+        first, newline, rest = line.partition("\n")  # a traceback stays below
+        return f"{first} {pairs}{newline}{rest}"
+
+
+class _JsonFormatter(JsonFormatter):  # type: ignore[misc]
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _rfc3339_utc(record)
+
+
+class TaskContext(logging.Filter):
+    """The Celery task id of the thread's running task, on every line it logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_id", None) is None:
+            task = current_task._get_current_object()  # None outside a task
+            request_id = getattr(getattr(task, "request", None), "id", None) if task else None
+            if request_id is not None:
+                record.task_id = request_id
+        return True
 
 
 class MaskAddresses(logging.Filter):
@@ -40,16 +98,15 @@ def configure_logging(fmt: str, level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
     else:
-        handler.setFormatter(
-            logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s")
-        )
+        handler.setFormatter(ConsoleFormatter())
     handler.addFilter(MaskAddresses())
+    handler.addFilter(TaskContext())
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
@@ -68,3 +125,21 @@ def _level(level: int | str) -> int:
 @signals.setup_logging.connect
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     configure_logging(_format, loglevel or logging.INFO)
+
+
+@signals.celeryd_after_setup.connect
+def _one_line_banner(instance: Any = None, **_: Any) -> None:
+    """With JSON logs, Celery's banner (29 plain lines on stdout) becomes one JSON line:
+    a log collector parses every line the worker writes."""
+    if _format != "json" or instance is None:
+        return
+    instance.quiet = True
+    logging.getLogger("invoice_mailer.startup").info(
+        "worker starting",
+        extra={
+            "hostname": instance.hostname,
+            "concurrency": instance.concurrency,
+            "transport": maybe_sanitize_url(instance.app.conf.broker_url or ""),
+            "task_events": bool(instance.app.conf.worker_send_task_events),
+        },
+    )

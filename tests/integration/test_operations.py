@@ -190,9 +190,33 @@ def test_json_logs_one_line_per_event_without_addresses_or_keys(
     assert mine[0]["invoice"] == invoice
     assert mine[0]["provider"] == "hostup"
     assert "duration_seconds" in mine[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", mine[0]["time"])
+    assert mine[0]["task_id"]  # the Celery task execution it belongs to
     text = worker.log_path.read_text()
     assert "billing@example.com" not in text
     assert DEFAULT_API_KEY not in text
+    # Celery's banner is one JSON line, not 29 plain ones.
+    assert [r["logger"] for r in lines if r["message"] == "worker starting"] == [
+        "invoice_mailer.startup"
+    ]
+    assert "[queues]" not in text
+    assert "-------------- " not in text
+
+
+def test_console_logs_name_the_event_invoice_and_task_in_utc(
+    start_worker: StartWorker, bus: Bus
+) -> None:
+    """The default format: each line a person greps for carries the event id, the
+    invoice and the Celery task id, stamped in RFC 3339 UTC."""
+    worker = start_worker()
+    invoice = new_invoice()
+    event = bus.reissue(invoice)
+    bus.wait_for(1)
+    worker.stop()
+    (line,) = [x for x in worker.log_path.read_text().splitlines() if event["id"] in x]
+    assert re.match(r"\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO/", line), line
+    assert "publish published" in line
+    assert f"event_id={event['id']} invoice={invoice} task_id=" in line
 
 
 def test_status_shows_queues_dead_letters_ledger_and_workers(

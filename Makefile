@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit integration bench clean
+.PHONY: demo test lint unit integration bench run clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ unit: $(VENV)/.installed
 
 integration: $(VENV)/.installed
 	$(BIN)/pytest tests/integration
+
+# The Procfile (worker + Flower) with the virtualenv's commands, no activation needed.
+run: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start $(RUN_ARGS)
 
 # invoice-mailer against the minimal baseline (needs RabbitMQ); see README "Performance".
 bench: $(VENV)/.installed

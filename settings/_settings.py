@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     # Beyond CONTRACT.md (operations; README "Configuration"):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
+    metrics_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 (scraped from outside)
     log_format: Literal["console", "json"] = "console"
     email_info_lag_seconds: float = Field(default=5.0, ge=0, le=3600)
     retry_outage_max_wait_seconds: float | None = Field(default=None, ge=0)

@@ -58,6 +58,11 @@ WAITS = Histogram(
 GIVE_UPS = Counter(f"{_P}_give_ups_total", "Events given up", ["step", "code"])
 DEAD_LETTERS = Counter(f"{_P}_dead_letters_total", "Events dead-lettered", ["code"])
 PUBLISHED = Counter(f"{_P}_events_published_total", "Events published", ["type"])
+PUBLISH_FAILURES = Counter(
+    f"{_P}_publish_failures_total",
+    "Publishes the bus did not take (the event waits and tries again), by reason",
+    ["reason"],
+)
 STEP_SECONDS = Histogram(
     f"{_P}_step_duration_seconds",
     "Duration of one step",
@@ -155,6 +160,8 @@ class MetricsObserver:
             GIVE_UPS.labels(r.step, r.code or "unknown").inc()
         if r.outcome == "published":
             PUBLISHED.labels("invoice.email_queued").inc()
+        if r.outcome == "publish_failed":
+            PUBLISH_FAILURES.labels(r.code or "unknown").inc()
         if r.outcome == "published_failure":
             PUBLISHED.labels("invoice.email_failed").inc()
             DEAD_LETTERS.labels(r.code or "unknown").inc()
@@ -204,6 +211,11 @@ def registry_for_export(extra: list[Collector]) -> CollectorRegistry:
     return registry
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def serve_metrics(
     port: int,
     *,
@@ -211,7 +223,9 @@ def serve_metrics(
     ready: Callable[[], bool],
     host: str = "0.0.0.0",  # noqa: S104  (scraped and probed from outside the container)
 ) -> ThreadingHTTPServer:
-    """``/metrics``, ``/livez`` (the process answers) and ``/readyz`` (``ready()``)."""
+    """``/metrics``, ``/livez`` (the process answers) and ``/readyz`` (``ready()``) on
+    ``host`` (``METRICS_HOST``), with a listen backlog of 128, not socketserver's 5:
+    probes and scrapes arriving together are not refused."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -234,7 +248,6 @@ def serve_metrics(
         def log_message(self, format: str, *args: Any) -> None:
             """Probes every few seconds would drown the logs."""
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = _Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -45,7 +45,7 @@ class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Serves /metrics, /livez and /readyz on METRICS_PORT (0: off).
+    """Serves /metrics, /livez and /readyz on METRICS_HOST:METRICS_PORT (port 0: off).
 
     With several workers on one host only the first binds the port; give them a
     shared PROMETHEUS_MULTIPROC_DIR and it serves all of their counters.
@@ -73,6 +73,7 @@ class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             self._server = serve_metrics(
                 port,
+                host=app.settings.metrics_host,
                 registry=registry,
                 ready=lambda: app.runtime.ready and not app.runtime.paused_because,
             )

@@ -39,6 +39,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 OPERATIONS_VARIABLES = {
     "METRICS_PORT",
+    "METRICS_HOST",
     "LOG_FORMAT",
     "EMAIL_INFO_LAG_SECONDS",
     "RETRY_OUTAGE_MAX_WAIT_SECONDS",

@@ -7,7 +7,15 @@ kombu's and py-amqp's exceptions are translated once, here: publishing raises
 
 from __future__ import annotations
 
-from broker._deadletters import DeadLetterEntry, DeadLetterQueue, describe, describe_message
+from broker._deadletters import (
+    DeadLetterEntry,
+    DeadLetterQueue,
+    ReasonGroup,
+    Selection,
+    by_reason,
+    describe,
+    describe_message,
+)
 from broker._delayed import DelayedDeliveryMissing, check_delayed_delivery
 from broker._depths import queue_depths
 from broker._messages import raw_body
@@ -20,7 +28,10 @@ __all__ = [
     "DeadLetterQueue",
     "DelayedDeliveryMissing",
     "EventPublisher",
+    "ReasonGroup",
+    "Selection",
     "Topology",
+    "by_reason",
     "check_delayed_delivery",
     "describe",
     "describe_message",

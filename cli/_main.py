@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 import httpx
@@ -45,39 +46,64 @@ def demo(quiet: bool) -> None:
 
 
 @main.command("publish-reissued")
-@click.argument("invoice")
-@click.option("--event-id", default=None, help="CloudEvent id (default: a new one).")
+@click.argument("invoices", nargs=-1)
+@click.option("--count", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Events per invoice, each with an id of its own.")  # fmt: skip
+@click.option("--from-file", "from_file", type=click.File("r"),
+              help="Invoices, one per line ('-': standard input).")  # fmt: skip
+@click.option("--event-id", default=None, help="CloudEvent id (one event only; default: new).")
 @click.option("--source", default="/billing", show_default=True)
-def publish_reissued(invoice: str, event_id: str | None, source: str) -> None:
-    """Publish one invoice.reissued for INVOICE (an id, or a reference for abillify)."""
+def publish_reissued(
+    invoices: tuple[str, ...], count: int, from_file: Any, event_id: str | None, source: str
+) -> None:
+    """Publish invoice.reissued for each INVOICE (an id, or a reference for abillify):
+    one connection for them all, one confirmed publish each, a JSON line each."""
+    wanted = list(invoices)
+    if from_file is not None:
+        wanted += [line.strip() for line in from_file if line.strip()]
+    if not wanted:
+        raise click.UsageError("name an INVOICE, or --from-file")
+    if event_id is not None and len(wanted) * count != 1:
+        raise click.UsageError("--event-id names one event: one INVOICE, --count 1")
     settings = load_or_exit()
     field = "invoiceReference" if settings.billing_provider == "abillify" else "invoiceId"
-    event = {
+    topology = settings.topology()
+    publisher = EventPublisher.connect(settings.celery_broker_url, topology, pool_size=1)
+    started, published = time.monotonic(), 0
+    try:
+        with Connection(settings.celery_broker_url, connect_timeout=10) as conn:
+            topology.declare(conn)  # the event waits in its queue even if no worker runs yet
+        for invoice in wanted:
+            for _ in range(count):
+                event = _reissued(invoice, field, event_id or f"evt_{uuid.uuid4().hex}", source)
+                publisher.publish_raw(
+                    json.dumps(event).encode(),
+                    routing_key=REISSUED,
+                    content_type=CLOUDEVENTS_CONTENT_TYPE,
+                    message_id=event["id"],
+                )
+                published += 1
+                click.echo(json.dumps(event))
+    except (PublishError, OSError, *publisher.connection_errors) as exc:
+        click.echo(f"invoice-mailer: could not publish ({published} published): {exc}", err=True)
+        sys.exit(EXIT_BROKER)
+    finally:
+        publisher.close()
+    if published > 1:
+        took = time.monotonic() - started
+        click.echo(f"published {published} event(s) in {took:.1f} s", err=True)
+
+
+def _reissued(invoice: str, field: str, event_id: str, source: str) -> dict[str, Any]:
+    return {
         "specversion": "1.0",
-        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "id": event_id,
         "source": source,
         "type": REISSUED,
         "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
         "data": {field: invoice},
     }
-    topology = settings.topology()
-    publisher = EventPublisher.connect(settings.celery_broker_url, topology, pool_size=1)
-    try:
-        with Connection(settings.celery_broker_url, connect_timeout=10) as conn:
-            topology.declare(conn)  # the event waits in its queue even if no worker runs yet
-        publisher.publish_raw(
-            json.dumps(event).encode(),
-            routing_key=REISSUED,
-            content_type=CLOUDEVENTS_CONTENT_TYPE,
-            message_id=event["id"],
-        )
-    except (PublishError, OSError, *publisher.connection_errors) as exc:
-        click.echo(f"invoice-mailer: could not publish: {exc}", err=True)
-        sys.exit(EXIT_BROKER)
-    finally:
-        publisher.close()
-    click.echo(json.dumps(event))
 
 
 main.add_command(dead_letters)

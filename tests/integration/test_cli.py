@@ -51,6 +51,27 @@ def test_publish_reissued_without_a_worker_leaves_the_event_queued(bus: Bus, env
     assert bus.queue_depth("invoice-mailer.reissued") == 1
 
 
+def test_publish_reissued_publishes_many_in_one_process(bus: Bus, env: MakeEnv) -> None:
+    """Several invoices, a count each, and more from standard input: one connection, a
+    JSON line per event, each id its own; --event-id with more than one is refused."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from cli import main; main()", "publish-reissued",
+         "inv_many1", "inv_many2", "--count", "3", "--from-file", "-"],
+        env=env(), input="inv_many3\n\ninv_many4\n", capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    invoices = [e["data"]["invoiceId"] for e in events]
+    assert invoices == ["inv_many1"] * 3 + ["inv_many2"] * 3 + ["inv_many3"] * 3 + ["inv_many4"] * 3
+    assert len({e["id"] for e in events}) == 12
+    assert "published 12 event(s) in " in result.stderr
+    assert bus.queue_depth("invoice-mailer.reissued") == 12
+    refused = _cli("publish-reissued", "inv_a", "inv_b", "--event-id", "evt_1", env=env())
+    assert refused.returncode == 2
+    assert "--event-id names one event" in refused.stderr
+
+
 def test_check_passes_against_a_reachable_broker_and_api(env: MakeEnv, sandbox: Sandbox) -> None:
     """All three checks pass: exit 0, and no invoice was resent."""
     result = _cli("check", env=env())

@@ -344,7 +344,6 @@ def test_long_run_10000_events_two_workers_flaky_api(
     bus: Bus,
     sandbox: Sandbox,
     ledger_url: str,
-    record_property: Any,
 ) -> None:
     """10,000 events, 2 workers, the API failing 10% with 5xx and 5% of invoices meeting
     their resend limit (429 rate_limited, about that invoice): each event ends with exactly
@@ -368,8 +367,6 @@ def test_long_run_10000_events_two_workers_flaky_api(
     for worker in workers:
         worker.stop(timeout=120)
 
-    record_property("rss_kib_after_1000", rss_start)
-    record_property("rss_kib_after_10000", rss_end)
     print(f"worker RSS KiB after 1,000 events {rss_start}, after 10,000 {rss_end}")
     _exactly_once(bus.drain(), invoices, sandbox)
     for start, end in zip(rss_start, rss_end, strict=True):

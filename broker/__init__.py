@@ -17,7 +17,7 @@ from broker._deadletters import (
     describe_message,
 )
 from broker._delayed import DelayedDeliveryMissing, check_delayed_delivery
-from broker._depths import queue_depths
+from broker._depths import QueueDepths, queue_depths
 from broker._messages import raw_body
 from broker._publisher import EventPublisher
 from broker._topology import REISSUED_ROUTING_KEY, Topology
@@ -28,6 +28,7 @@ __all__ = [
     "DeadLetterQueue",
     "DelayedDeliveryMissing",
     "EventPublisher",
+    "QueueDepths",
     "ReasonGroup",
     "Selection",
     "Topology",

@@ -27,7 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker import Topology, queue_depths
+from broker import QueueDepths, Topology
 from invoice_mailer.observe import StepRecord
 
 __all__ = [
@@ -170,15 +170,15 @@ class MetricsObserver:
 
 
 class QueueDepthCollector(Collector):
-    """Ready and parked messages per queue, asked of the broker at each scrape."""
+    """Ready and parked messages per queue, asked of the broker (at most every 5 s)."""
 
     def __init__(self, url: str, topology: Topology, task_queue: str) -> None:
-        self._url = url
-        self._queues = {
+        queues = {
             "reissued": topology.reissued_queue,
             "tasks": task_queue,
             "dead_letter": topology.dead_letter_queue,
         }
+        self._depths = QueueDepths(url, queues)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -186,7 +186,7 @@ class QueueDepthCollector(Collector):
         )
         up = GaugeMetricFamily(f"{_P}_broker_up", "Whether the broker answered the scrape")
         try:
-            counts = queue_depths(self._url, self._queues)
+            counts = self._depths.read()
         except Exception:
             up.add_metric([], 0)
         else:

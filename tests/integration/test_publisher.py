@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from kombu import Connection
 
-from broker import EventPublisher, Topology
+from broker import EventPublisher, QueueDepths, Topology
 from invoice_mailer.errors import PublishError, PublishFailure
 from invoice_mailer.events import EMAIL_QUEUED
 from tests.support.broker import Bus, memory_alarm, wait_until
@@ -83,3 +84,29 @@ def test_a_blocked_broker_holds_one_copy_and_the_publisher_sends_no_second(
     assert "not sent" in refused.value.detail
     assert settled == ["e1"]
     assert sorted(ids) == ["e1", "e2", "warm"]
+
+
+def test_queue_depths_for_scrapes_keep_one_connection_and_an_answer_for_a_while(
+    broker_url: str, bus: Bus
+) -> None:
+    """A scrape every few seconds asks the broker at most every ``max_age`` s, over the
+    connection it kept; a kept connection gone stale is replaced within the same read."""
+    topology = Topology()
+    with Connection(broker_url) as conn:
+        topology.declare(conn)
+    depths = QueueDepths(broker_url, {"reissued": topology.reissued_queue}, max_age=60)
+    assert depths.read()[("reissued", "ready")] == 0
+    bus.reissue("inv_depth1")
+    assert depths.read()[("reissued", "ready")] == 0  # the answer of a moment ago
+    fresh = QueueDepths(broker_url, {"reissued": topology.reissued_queue}, max_age=0)
+    assert fresh.read()[("reissued", "ready")] == 1
+    assert fresh._conn is not None
+    kept = fresh._conn.connection  # the AMQP connection under it
+    bus.reissue("inv_depth2")
+    assert fresh.read()[("reissued", "ready")] == 2
+    assert fresh._conn.connection is kept  # one connection, not one per scrape
+    fresh._conn.collect()  # as if the broker had restarted under it
+    assert fresh.read()[("reissued", "ready")] == 2
+    assert fresh._conn.connection is not kept
+    depths.close()
+    fresh.close()

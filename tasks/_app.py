@@ -13,7 +13,7 @@ from kombu import Exchange, Queue
 from invoice_mailer.pipeline import Checkpoint
 from settings import Settings
 from tasks._logging import set_format as set_log_format
-from tasks._metrics import IN_FLIGHT
+from tasks._metrics import IN_FLIGHT, forget_process
 from tasks._queues import TASK_DELIVERY_LIMIT, TASK_QUEUE
 from tasks._runtime import Runtime
 from tasks._sentry import init_sentry
@@ -137,3 +137,4 @@ def _close_runtime(sender: Any = None, **_: Any) -> None:
     runtime = getattr(app, "runtime", None)
     if isinstance(runtime, Runtime):
         runtime.close()
+    forget_process()

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -80,13 +81,13 @@ DEPENDENCY_HEALTHY = Gauge(
     f"{_P}_dependency_healthy",
     "1 while the dependency is healthy for the fleet (shared health), 0 while events wait",
     ["dependency"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 DEPENDENCY_UNHEALTHY_SECONDS = Gauge(
     f"{_P}_dependency_unhealthy_seconds",
     "How long the dependency has been unhealthy (0 while healthy)",
     ["dependency"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 PAUSED = Counter(
     f"{_P}_paused_total",
@@ -97,18 +98,18 @@ BUDGET_RATE = Gauge(
     f"{_P}_budget_requests_per_second",
     "The request rate the fleet keeps to (learned from X-RateLimit-* or configured)",
     ["provider"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 BUDGET_REMAINING = Gauge(
     f"{_P}_budget_remaining",
     "Requests left in the API's current window, as its last answer told",
     ["provider"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 INTAKE_PAUSED = Gauge(
     f"{_P}_intake_paused",
     "1 while this process takes no new raw events (a dependency is unhealthy)",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 
 _TIMED_STEPS = frozenset({"resend", "email_info", "publish"})
@@ -197,6 +198,39 @@ class QueueDepthCollector(Collector):
         yield up
 
 
+def forget_dead_processes(directory: str | None = None) -> list[int]:
+    """Multiprocess mode: the gauge files of processes that are gone (killed, or stopped
+    without ``mark_process_dead``), removed, so that a dead worker's last "unhealthy" or
+    "paused" is not served for ever. Counters stay: their sums must not go down."""
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return []
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not _alive(pid):
+            dead.add(pid)
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
+def forget_process() -> None:
+    """At a worker's shutdown: its gauges leave the multiprocess sums at once."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def registry_for_export(extra: list[Collector]) -> CollectorRegistry:
     """The registry to serve: this process's, or every process's in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -230,6 +264,7 @@ def serve_metrics(
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
+                forget_dead_processes()  # a worker killed since the last scrape
                 body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path == "/livez":
                 body, status, kind = b"ok\n", 200, "text/plain"

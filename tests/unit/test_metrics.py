@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from invoice_mailer.observe import StepRecord
-from tasks._metrics import MetricsObserver, serve_metrics
+from tasks import _metrics
+from tasks._metrics import MetricsObserver, forget_dead_processes, serve_metrics
 
 
 def _value(name: str, **labels: str) -> float:
@@ -34,3 +40,27 @@ def test_the_server_binds_the_host_it_is_given_with_a_real_backlog() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_dead_workers_gauges_leave_the_multiprocess_directory(tmp_path: Path) -> None:
+    """A worker killed while it saw the API unhealthy must not keep the fleet's gauge at
+    0: its live-gauge files go; its counters stay (their sums never go down)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (
+        f"gauge_livemin_{gone.pid}.db",
+        f"counter_{gone.pid}.db",
+        f"gauge_livemin_{os.getpid()}.db",
+    ):
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_processes(str(tmp_path)) == [gone.pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{gone.pid}.db", f"gauge_livemin_{os.getpid()}.db"]
+    )
+
+
+def test_every_gauge_is_live_in_multiprocess_mode() -> None:
+    """A gauge whose mode is not a live one would keep a dead process's value."""
+    gauges = [m for m in vars(_metrics).values() if isinstance(m, Gauge)]
+    assert gauges
+    assert all(g._multiprocess_mode.startswith("live") for g in gauges)

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
@@ -601,15 +602,16 @@ class Pipeline:
             id_scheme=record.id_scheme,
         )
         started = self._clock()
+        kept = replace(record.resend, email=None)  # the address goes out, and is not kept
         try:
             self._publish(
                 run,
                 lambda: self._publisher.publish_event(event, EMAIL_QUEUED),
-                held=(event["id"], self._ledger.record_published),
+                held=(event["id"], partial(self._ledger.record_published, keep=kept)),
             )
         except PublishError as exc:
             return self._retry_publish(run, exc, started)
-        run.record = self._ledger.record_published(run.key, event["id"], now=self._now())
+        run.record = self._ledger.record_published(run.key, event["id"], now=self._now(), keep=kept)
         self._log(job, PUBLISH, "published", started)
         self._checkpoint("published", job)
         return Done(event)

@@ -232,8 +232,17 @@ class Ledger(HealthStore, Protocol):
         """The give-up's dead letter is on its queue."""
         ...
 
-    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
-        """``invoice.email_queued`` went out: the event is done; the lease is given back."""
+    def record_published(
+        self,
+        key: EventKey,
+        outcome_event_id: str,
+        *,
+        now: float,
+        keep: ResendResult | None = None,
+    ) -> Record:
+        """``invoice.email_queued`` went out: the event is done; the lease is given back.
+        ``keep``: the resend as the record keeps it from now on, email-info's answer
+        dropped (the addresses went out in the event; nothing needs them here after)."""
         ...
 
     def record_failed(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:

@@ -332,8 +332,15 @@ class SqlLedger(ABC):
             key, "dead_lettered = 1", owner=owner, now=now, lease_seconds=lease_seconds
         )
 
-    def record_published(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
-        return self._finish(key, PUBLISHED, outcome_event_id, now=now)
+    def record_published(
+        self,
+        key: EventKey,
+        outcome_event_id: str,
+        *,
+        now: float,
+        keep: ResendResult | None = None,
+    ) -> Record:
+        return self._finish(key, PUBLISHED, outcome_event_id, now=now, keep=keep)
 
     def record_failed(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
         return self._finish(key, FAILED, outcome_event_id, now=now)
@@ -366,13 +373,30 @@ class SqlLedger(ABC):
         )
         return _one(rows, key)
 
-    def _finish(self, key: EventKey, state: str, outcome_event_id: str, *, now: float) -> Record:
+    def _finish(
+        self,
+        key: EventKey,
+        state: str,
+        outcome_event_id: str,
+        *,
+        now: float,
+        keep: ResendResult | None = None,
+    ) -> Record:
+        forget = ""
+        if keep is not None:  # what went out in the event is not kept here any longer
+            forget = "resend = :keep, email_info = NULL,"
         rows = self._execute(
-            f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome,
+            f"""UPDATE {TABLE} SET state = :state, outcome_event_id = :outcome, {forget}
                     resend_in_flight = 0, {_SETTLED}, lease_owner = NULL,
                     lease_expires_at = NULL, updated_at = :now
                 WHERE {_KEY} RETURNING *""",
-            {**_key(key), "state": state, "outcome": outcome_event_id, "now": now},
+            {
+                **_key(key),
+                "state": state,
+                "outcome": outcome_event_id,
+                "now": now,
+                **({"keep": _resend_json(keep)} if keep is not None else {}),
+            },
         )
         return _one(rows, key)
 

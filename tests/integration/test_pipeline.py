@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 
+from invoice_mailer.ledger import open_ledger
 from sandbox import DEFAULT_API_KEY, Sandbox
 from tests.integration.conftest import StartWorker
 from tests.support.broker import Bus, new_invoice
@@ -124,3 +126,28 @@ def test_outgoing_event_id_derives_from_the_incoming_source_and_id(
     ids = {e["data"]["reissuedEvent"]["source"]: e["id"] for e in events}
     assert ids["/billing/a"] == outgoing_event_id("invoice.email_queued", "/billing/a", "evt_same")
     assert ids["/billing/a"] != ids["/billing/b"]
+
+
+def test_the_ledger_forgets_the_addresses_once_the_event_is_out(
+    start_worker: StartWorker, bus: Bus, ledger_url: str
+) -> None:
+    """The addresses go out in invoice.email_queued, as the contract asks; the ledger
+    keeps what a later decision needs (when the email was queued), not who got it."""
+    start_worker()
+    invoice = new_invoice()
+    cause = bus.reissue(invoice)
+    [event] = bus.wait_for(1)
+    assert event["data"]["email"] == "billing@example.com"
+    ledger = open_ledger(ledger_url)
+    try:
+        [record] = ledger.find(cause["id"])
+    finally:
+        ledger.close()
+    assert record.outcome_event_id == event["id"]
+    assert record.resend is not None
+    assert (record.resend.email, record.email_info) == (None, None)
+    assert record.resend.queued_at == event["data"]["queuedAt"]
+    path = ledger_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT * FROM invoice_mailer_ledger").fetchall()
+    assert "@" not in json.dumps(rows)

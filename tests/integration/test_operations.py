@@ -243,6 +243,35 @@ def test_status_shows_queues_dead_letters_ledger_and_workers(
     assert re.search(rf"{re.escape(worker.name)}\s+pong", out)
 
 
+def test_status_json_and_watch_show_tasks_in_flight_per_worker(
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, env: MakeEnv
+) -> None:
+    """``status --json`` is one object a script reads; ``--watch`` redraws; a task held up
+    by a slow API shows as in flight on its worker."""
+    worker = start_worker()
+    invoice = new_invoice()
+    sandbox.script(invoice, "resend", [Fault(status=None, delay=15.0)])
+    bus.reissue(invoice)
+    wait_until(lambda: len(sandbox.requests()) == 1, timeout=30, what="the POST in flight")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "from cli import main; main()", "status", *args],
+            env=env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    shown = run("--json")
+    assert shown.returncode == 0, shown.stderr
+    snapshot = json.loads(shown.stdout)
+    assert snapshot["workers"] == {worker.name: {"in_flight": 1}}
+    assert snapshot["queues"]["dead_letter ready"] == 0
+    assert {d["dependency"]: d["state"] for d in snapshot["dependencies"]}["bus"] == "healthy"
+    watched = run("--watch", "0.5", "--times", "2")
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.count("every 0.5 s, Ctrl-C to stop") == 2
+    assert re.search(rf"{re.escape(worker.name)}\s+pong\s+1", watched.stdout)
+
+
 def test_a_backlog_stays_in_the_broker_beyond_two_events_per_thread(
     start_worker: StartWorker, bus: Bus, sandbox: Sandbox
 ) -> None:

@@ -106,6 +106,16 @@ def _reissued(invoice: str, field: str, event_id: str, source: str) -> dict[str,
     }
 
 
+@main.command()
+def asyncapi() -> None:
+    """Print the AsyncAPI 3.0 document of the queues and events in and out (JSON)."""
+    from importlib.metadata import version
+
+    from invoice_mailer.contracts import asyncapi as document
+
+    click.echo(json.dumps(document(version("invoice-mailer")), indent=2, sort_keys=True))
+
+
 main.add_command(dead_letters)
 main.add_command(ledger)
 main.add_command(status)

@@ -33,6 +33,12 @@ from typing import Any
 
 from invoice_mailer.billing import BillingProvider, ResendResult
 from invoice_mailer.clock import Offset, Placement, parse_iso, placement
+from invoice_mailer.contracts import (
+    EmailFailedData,
+    EmailQueuedData,
+    FailureReason,
+    ReissuedEventRef,
+)
 from invoice_mailer.dependencies import BUS, Dependencies, api, budget, pace
 from invoice_mailer.errors import (
     BillingError,
@@ -583,22 +589,24 @@ class Pipeline:
     def _publish_queued(self, run: _Run) -> Outcome:
         record, job = run.record, run.job
         assert record.resend is not None
-        data: dict[str, Any] = {
-            "invoiceId": job.event.invoice,
-            "provider": self._provider.name,
-            "email": record.resend.email,
-            "queuedAt": record.resend.queued_at,
-            "jobId": record.resend.job_id,
-            "emailInfo": record.email_info,
-        }
+        fields: dict[str, Any] = {}
         if record.email_info is None and record.email_info_error is not None:
-            data["emailInfoError"] = record.email_info_error
-        data["reissuedEvent"] = {"id": job.event.event_id, "source": job.event.source}
+            fields["emailInfoError"] = record.email_info_error
+        data = EmailQueuedData(
+            invoiceId=job.event.invoice,
+            provider=self._provider.name,
+            email=record.resend.email,
+            queuedAt=record.resend.queued_at,
+            jobId=record.resend.job_id,
+            emailInfo=record.email_info,
+            reissuedEvent=ReissuedEventRef(id=job.event.event_id, source=job.event.source),
+            **fields,
+        )
         event = cloud_event(
             EMAIL_QUEUED,
             cause_key=job.event.key,
             subject=job.event.invoice,
-            data=data,
+            data=data.model_dump(exclude_unset=True),
             id_scheme=record.id_scheme,
         )
         started = self._clock()
@@ -949,11 +957,11 @@ def failed_event(
         cause_key=cause_key,
         subject=invoice,
         id_scheme=id_scheme,
-        data={
-            "invoiceId": invoice,
-            "provider": provider,
-            "reissuedEvent": reissued_event,
-            "attempts": attempts,
-            "reason": reason,
-        },
+        data=EmailFailedData(
+            invoiceId=invoice,
+            provider=provider,
+            reissuedEvent=ReissuedEventRef.model_validate(reissued_event),
+            attempts=attempts,
+            reason=FailureReason.model_validate(reason),
+        ).model_dump(),
     )

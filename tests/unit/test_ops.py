@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from broker import Topology
+from settings import Settings, load
 from tasks import _metrics  # noqa: F401  (registers the service's metrics)
 from tasks._metrics import QueueDepthCollector
 
@@ -87,3 +89,54 @@ def test_the_alert_rules_read_only_metrics_the_service_exports() -> None:
     ours = {n for n in _referenced(rules) if not n.startswith(EXTERNAL)}
     assert ours
     assert {n for n in ours if _family(n) not in exported} == set()
+
+
+def _example() -> dict[str, str]:
+    lines = (OPS.parent / ".env.example").read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if line and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+def test_the_env_example_names_every_setting_and_nothing_else() -> None:
+    """Every setting is documented in .env.example; every name there is read by the
+    service (or by prometheus-client, which the README says)."""
+    example = _example()
+    settings = {name.upper() for name in Settings.model_fields}
+    assert set(example) - {"PROMETHEUS_MULTIPROC_DIR"} == settings
+
+
+def test_the_env_example_loads_as_it_is_once_the_key_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in _example().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOSTUP_API_KEY", "k")
+    settings = load(require_provider=True)
+    assert (settings.billing_provider, settings.metrics_port) == ("hostup", 9808)
+
+
+@pytest.mark.parametrize(
+    "unit", ["invoice-mailer-worker@.service", "invoice-mailer-flower.service"]
+)
+def test_the_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` where it is available, with the venv path pointed at
+    this one (verify wants the command to exist)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not available here")
+    bin_dir = Path(sys.executable).parent
+    text = (OPS / "systemd" / unit).read_text()
+    assert "/opt/invoice-mailer/venv/bin/celery -A tasks" in text
+    name = unit.replace("@.", "@1.")
+    (tmp_path / name).write_text(text.replace("/opt/invoice-mailer/venv/bin", str(bin_dir)))
+    verified = subprocess.run(
+        [analyze, "verify", str(tmp_path / name)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    problems = [
+        line
+        for line in (verified.stdout + verified.stderr).splitlines()
+        if name in line or "Unknown" in line or "Invalid" in line
+    ]
+    assert problems == []
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -16,6 +16,7 @@ import pytest
 from sandbox import DEFAULT_API_KEY, Fault, Sandbox
 from tests.integration.conftest import MakeEnv, StartWorker
 from tests.support.broker import Bus, new_invoice, wait_until
+from tests.support.browser import rendered
 from tests.support.worker import RAW_QUEUE
 
 TASK = "invoice_mailer.resend_invoice_email"
@@ -120,6 +121,20 @@ def test_flower_shows_the_tasks_behind_basic_auth(
     for kind in ("task-succeeded", "task-failed"):
         counted = f'flower_events_total{{task="{TASK}",type="{kind}",worker="{worker.name}"}}'
         assert f"{counted} 1.0" in metrics
+
+    # As an operator sees it: the pages, in a real browser (their tables are drawn by
+    # the pages' scripts from Flower's API).
+    signed_in = flower.replace("http://", "http://ops:s3cret@")
+    page = rendered(f"{signed_in}/tasks")
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.DOTALL)
+    shown = [re.sub(r"<[^>]+>", " ", row) for row in rows if TASK in row]
+    assert len(shown) == 2, page[-3000:]
+    assert any("SUCCESS" in row for row in shown)
+    assert any("FAILURE" in row for row in shown)
+    detail = re.sub(r"<[^>]+>", " ", rendered(f"{signed_in}/task/{failed['uuid']}"))
+    assert TASK in detail
+    assert "FAILURE" in detail
+    assert "resend 404 not_found" in detail
 
 
 def test_metrics_count_a_mixed_run(start_worker: StartWorker, bus: Bus, sandbox: Sandbox) -> None:

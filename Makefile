@@ -29,9 +29,9 @@ unit: $(VENV)/.installed
 integration: $(VENV)/.installed
 	$(BIN)/pytest tests/integration
 
-# The Procfile (worker + Flower) with the virtualenv's commands, no activation needed.
+# The Procfile (worker + Flower); bin/in-venv finds .venv, no activation needed.
 run: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start $(RUN_ARGS)
+	$(BIN)/honcho start $(RUN_ARGS)
 
 # invoice-mailer against the minimal baseline (needs RabbitMQ); see README "Performance".
 bench: $(VENV)/.installed

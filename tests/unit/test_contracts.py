@@ -14,10 +14,13 @@ import pytest
 import respx
 
 from invoice_mailer.contracts import asyncapi
+from invoice_mailer.errors import InvalidEvent
+from invoice_mailer.events import CLOUDEVENTS_CONTENT_TYPE, parse_reissued
 from invoice_mailer.ledger import Ledger
 from invoice_mailer.pipeline import Done, GaveUp, failed_event
 from invoice_mailer.publishing import InMemoryPublisher
 from tests.unit.conftest import Clock
+from tests.unit.test_events import _body
 from tests.unit.test_pipeline import JOB, OK, URL, _pipeline
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
@@ -80,15 +83,7 @@ def test_a_given_up_event_is_what_the_document_says(ledger: Ledger, http: httpx.
     _validate("invoiceEmailFailed", unreadable)
 
 
-CONTRACT_EXAMPLE = {
-    "specversion": "1.0",
-    "id": "evt_01jd5w3k8q9r7s6t5v4w3x2y1z",
-    "source": "/billing",
-    "type": "invoice.reissued",
-    "time": "2026-11-21T10:00:00Z",
-    "datacontenttype": "application/json",
-    "data": {"invoiceId": "inv_01hxa3b4c5d6e7f8g9h0j1k2m3"},
-}
+CONTRACT_EXAMPLE = json.loads(_body())  # CONTRACT.md's example event
 
 
 @pytest.mark.parametrize(
@@ -101,9 +96,13 @@ CONTRACT_EXAMPLE = {
     ],
 )
 def test_the_incoming_schema_refuses_what_the_service_dead_letters(change: dict[str, Any]) -> None:
+    """The document and the service's own parser agree, both ways."""
     _validate("invoiceReissued", CONTRACT_EXAMPLE)
+    parse_reissued(_body(), CLOUDEVENTS_CONTENT_TYPE, provider="hostup")
     with pytest.raises(jsonschema.ValidationError):
         _validate("invoiceReissued", {**CONTRACT_EXAMPLE, **change})
+    with pytest.raises(InvalidEvent):
+        parse_reissued(_body(**change), CLOUDEVENTS_CONTENT_TYPE, provider="hostup")
 
 
 def test_an_outgoing_event_without_a_field_of_the_contract_is_refused() -> None:

@@ -67,6 +67,7 @@ def gather(settings: Settings, app: Any) -> dict[str, Any]:
         "dead_letters": {},
         "ledger": None,
         "ledger_error": None,
+        "parked": {},
         "dependencies": [],
         "workers": {},
     }
@@ -89,6 +90,7 @@ def gather(settings: Settings, app: Any) -> dict[str, Any]:
         ledger = open_ledger(settings.ledger_url)
         try:
             snapshot["ledger"] = dict(sorted(ledger.counts().items()))
+            snapshot["parked"] = dict(sorted(ledger.parked().items()))
             now = time.time()
             snapshot["dependencies"] = [
                 _health(ledger.health(d, now), now) for d in dependency_names(settings)
@@ -125,6 +127,14 @@ def render(snapshot: dict[str, Any]) -> None:
             ("state", "events"),
             [(s, str(n)) for s, n in snapshot["ledger"].items()] or [("(empty)", "0")],
         )
+        click.echo("\nwaiting in the broker, by step and what for")
+        if snapshot["parked"]:
+            print_table(
+                ("step", "waits for", "events"),
+                [(*w.split(" ", 1), str(n)) for w, n in snapshot["parked"].items()],
+            )
+        else:
+            click.echo("none")
         click.echo("\ndependencies (shared by every worker)")
         print_table(
             ("dependency", "state", "for", "why"),

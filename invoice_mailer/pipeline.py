@@ -259,7 +259,7 @@ class Pipeline:
         except LedgerError as exc:
             outcome = self.ledger_unavailable(run.job, exc)
         if isinstance(outcome, RetryLater):
-            self._release(run)
+            self._release(run, outcome)
         return outcome
 
     def _steps(self, run: _Run) -> Outcome:
@@ -895,9 +895,14 @@ class Pipeline:
             log.warning("ledger available again after %.0f s", time.time() - self._ledger_down[0])
             self._ledger_down.clear()
 
-    def _release(self, run: _Run) -> None:
+    def _release(self, run: _Run, retry: RetryLater) -> None:
         try:
-            self._ledger.release(run.key, run.owner)
+            self._ledger.release(
+                run.key,
+                run.owner,
+                waiting=f"{retry.step} {retry.kind}",
+                until=self._now() + retry.delay_seconds,
+            )
         except LedgerError:
             log.warning("could not release the lease; it expires on its own", exc_info=True)
 

@@ -249,8 +249,15 @@ class Ledger(HealthStore, Protocol):
         """``invoice.email_failed`` went out: the event is done; the lease is given back."""
         ...
 
-    def release(self, key: EventKey, owner: str) -> None:
-        """Give the lease back, if ``owner`` holds it (before a retry waits in the broker)."""
+    def release(
+        self, key: EventKey, owner: str, *, waiting: str | None = None, until: float | None = None
+    ) -> None:
+        """Give the lease back, if ``owner`` holds it (before a retry waits in the broker);
+        ``waiting``: what for (``"resend rate_limited"``), until ``until`` (Unix time)."""
+        ...
+
+    def parked(self) -> dict[str, int]:
+        """Open events waiting in the broker, counted by what they wait for."""
         ...
 
     def find(self, event_id: str) -> list[Record]:

@@ -113,6 +113,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        6,
+        [
+            # What an event waits for in the broker while no run holds it ("resend
+            # rate_limited"), and until when: `invoice-mailer status` counts them.
+            f"ALTER TABLE {TABLE} ADD COLUMN waiting TEXT",
+            f"ALTER TABLE {TABLE} ADD COLUMN waiting_until DOUBLE PRECISION",
+        ],
+    ),
 ]
 SCHEMA_TABLE = "invoice_mailer_schema"
 
@@ -150,7 +159,8 @@ _CLAIM = f"""INSERT INTO {TABLE} (source, event_id, invoice, provider, state,
         resend_last_started_at = CASE WHEN {_BEGINS} AND {TABLE}.resend_in_flight = 0
             THEN :now ELSE {TABLE}.resend_last_started_at END,
         holds_invoice = CASE WHEN {_BEGINS} THEN 1 ELSE {TABLE}.holds_invoice END,
-        lease_owner = :owner, lease_expires_at = :expires, updated_at = :now
+        lease_owner = :owner, lease_expires_at = :expires, updated_at = :now,
+        waiting = NULL, waiting_until = NULL
     WHERE {TABLE}.state = '{OPEN}'
       AND ({TABLE}.lease_owner IS NULL OR {TABLE}.lease_expires_at <= :now
            OR {TABLE}.lease_owner = :owner)
@@ -345,12 +355,24 @@ class SqlLedger(ABC):
     def record_failed(self, key: EventKey, outcome_event_id: str, *, now: float) -> Record:
         return self._finish(key, FAILED, outcome_event_id, now=now)
 
-    def release(self, key: EventKey, owner: str) -> None:
+    def release(
+        self, key: EventKey, owner: str, *, waiting: str | None = None, until: float | None = None
+    ) -> None:
         self._execute(
-            f"""UPDATE {TABLE} SET lease_owner = NULL, lease_expires_at = NULL
+            f"""UPDATE {TABLE} SET lease_owner = NULL, lease_expires_at = NULL,
+                    waiting = :waiting, waiting_until = :until
                 WHERE {_KEY} AND lease_owner = :owner""",
-            {**_key(key), "owner": owner},
+            {**_key(key), "owner": owner, "waiting": waiting, "until": until},
         )
+
+    def parked(self) -> dict[str, int]:
+        rows = self._execute(
+            f"""SELECT waiting, COUNT(*) AS n FROM {TABLE}
+                WHERE state = '{OPEN}' AND waiting IS NOT NULL AND lease_owner IS NULL
+                GROUP BY waiting""",
+            {},
+        )
+        return {r["waiting"]: int(r["n"]) for r in rows}
 
     def _update(
         self,

@@ -160,7 +160,8 @@ def test_ledger_show_and_prune(start_worker: StartWorker, bus: Bus, env: MakeEnv
     assert record["state"] == "published"
     assert record["invoice"] == invoice
     assert record["outcome_event_id"] == event["id"]
-    assert record["resend"]["email"] == "billing@example.com"
+    assert record["resend"]["email"] is None  # out in the event, not kept after it
+    assert record["resend"]["queuedAt"] == event["data"]["queuedAt"]
 
     kept = _cli("ledger", "prune", "--older-than", "1d", env=env())
     assert "pruned 0 record(s)" in kept.stdout

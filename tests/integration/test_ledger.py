@@ -84,6 +84,25 @@ def test_release_by_someone_else_changes_nothing(ledger: Ledger) -> None:
     assert isinstance(_claim(ledger, "b", now=T0 + 1), Busy)
 
 
+def test_what_a_released_event_waits_for_is_counted_until_it_is_claimed(
+    ledger: Ledger,
+) -> None:
+    """``status`` shows what waits in the broker, by step and kind: the release says
+    it, the next claim (or the end) clears it."""
+    other = ("/billing", "evt_other")
+    _claim(ledger, "a")
+    ledger.release(KEY, "a", waiting="resend rate_limited", until=T0 + 6)
+    _claim(ledger, "b", key=other)
+    ledger.release(other, "b", waiting="resend rate_limited", until=T0 + 6)
+    assert ledger.parked() == {"resend rate_limited": 2}
+    _claim(ledger, "c", now=T0 + 6)
+    assert ledger.parked() == {"resend rate_limited": 1}
+    ledger.release(KEY, "c", waiting="publish paused", until=T0 + 10)
+    assert ledger.parked() == {"resend rate_limited": 1, "publish paused": 1}
+    ledger.record_published(other, "out-2", now=T0 + 7)
+    assert ledger.parked() == {"publish paused": 1}
+
+
 def test_published_events_are_done(ledger: Ledger) -> None:
     """After publication every later delivery is a duplicate."""
     _claim(ledger, "a")

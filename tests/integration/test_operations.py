@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -264,10 +265,12 @@ def test_status_json_and_watch_show_tasks_in_flight_per_worker(
     """``status --json`` is one object a script reads; ``--watch`` redraws; a task held up
     by a slow API shows as in flight on its worker."""
     worker = start_worker()
-    invoice = new_invoice()
+    invoice, limited = new_invoice(), new_invoice()
     sandbox.script(invoice, "resend", [Fault(status=None, delay=15.0)])
+    sandbox.script(limited, "resend", [Fault(status=429, retry_after="30")])
     bus.reissue(invoice)
-    wait_until(lambda: len(sandbox.requests()) == 1, timeout=30, what="the POST in flight")
+    bus.reissue(limited)
+    wait_until(lambda: len(sandbox.requests()) == 2, timeout=30, what="both POSTs")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -275,16 +278,25 @@ def test_status_json_and_watch_show_tasks_in_flight_per_worker(
             env=env(), capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
-    shown = run("--json")
-    assert shown.returncode == 0, shown.stderr
-    snapshot = json.loads(shown.stdout)
+    snapshots: list[dict[str, Any]] = []
+
+    def parked() -> bool:
+        shown = run("--json")
+        assert shown.returncode == 0, shown.stderr
+        snapshots.append(json.loads(shown.stdout))
+        return bool(snapshots[-1]["parked"])
+
+    wait_until(parked, timeout=30, what="status to show the parked retry")
+    snapshot = snapshots[-1]
     assert snapshot["workers"] == {worker.name: {"in_flight": 1}}
+    assert snapshot["parked"] == {"resend rate_limited": 1}  # its 429 parks it 30 s
     assert snapshot["queues"]["dead_letter ready"] == 0
     assert {d["dependency"]: d["state"] for d in snapshot["dependencies"]}["bus"] == "healthy"
     watched = run("--watch", "0.5", "--times", "2")
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.count("every 0.5 s, Ctrl-C to stop") == 2
     assert re.search(rf"{re.escape(worker.name)}\s+pong\s+1", watched.stdout)
+    assert re.search(r"resend\s+rate_limited\s+1", watched.stdout)
 
 
 def test_a_backlog_stays_in_the_broker_beyond_two_events_per_thread(

@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import httpx
@@ -122,39 +122,71 @@ main.add_command(status)
 
 
 @main.command()
-def check() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: each check, and why.")
+def check(as_json: bool) -> None:
     """Check settings (exit 78), the broker (2), the billing API (3), the ledger (4), and
     the dependency health the fleet shares (5: one is unhealthy, events wait for it)."""
     settings = load_or_exit(require_provider=True)
-    click.echo(f"settings   ok      provider={settings.billing_provider}")
+    report = _Report(as_json)
+    report.line("settings", True, f"provider={settings.billing_provider}")
     broker = maybe_sanitize_url(settings.celery_broker_url)
     try:
         with Connection(settings.celery_broker_url, connect_timeout=5) as conn:
             conn.ensure_connection(max_retries=1)
     except Exception as exc:
-        click.echo(f"broker     FAILED  {broker}: {type(exc).__name__}: {exc}")
-        sys.exit(EXIT_BROKER)
-    click.echo(f"broker     ok      {broker}")
+        report.fail("broker", f"{broker}: {type(exc).__name__}: {exc}", EXIT_BROKER)
+    report.line("broker", True, broker)
     ok, line = _check_api(settings)
-    click.echo(f"billing    {'ok    ' if ok else 'FAILED'}  {line}")
     if not ok:
-        sys.exit(EXIT_API)
+        report.fail("billing", line, EXIT_API)
+    report.line("billing", True, line)
     try:
         ledger = open_ledger(settings.ledger_url)
     except LedgerError as exc:
-        click.echo(f"ledger     FAILED  {exc}")
-        sys.exit(EXIT_LEDGER)
+        report.fail("ledger", str(exc), EXIT_LEDGER)
     try:
         health = [ledger.health(d, time.time()) for d in dependency_names(settings)]
     finally:
         ledger.close()
-    click.echo("ledger     ok")
+    report.line("ledger", True, "")
     sick = [h for h in health if not h.ok]
     for unhealthy in sick:  # what the fleet sees, whatever this one call saw
         name, state, lasted, why = health_row(unhealthy)
-        click.echo(f"{name:<10} {state.upper():<7} for {lasted}: {why}")
-    if sick:
-        sys.exit(EXIT_UNHEALTHY)
+        report.unhealthy(name, state, lasted, why)
+    report.done(EXIT_UNHEALTHY if sick else 0)
+
+
+class _Report:
+    """``check``'s lines, or with ``--json`` one object at the end:
+    ``{"ok": bool, "exit": code, "checks": {name: {"ok": bool, "detail": str}},
+    "unhealthy": [{"dependency", "state", "for", "why"}]}``."""
+
+    def __init__(self, as_json: bool) -> None:
+        self._json = as_json
+        self._checks: dict[str, dict[str, Any]] = {}
+        self._unhealthy: list[dict[str, str]] = []
+
+    def line(self, name: str, ok: bool, detail: str) -> None:
+        self._checks[name] = {"ok": ok, "detail": detail}
+        if not self._json:
+            click.echo(f"{name:<10} {'ok    ' if ok else 'FAILED'}  {detail}".rstrip())
+
+    def fail(self, name: str, detail: str, code: int) -> NoReturn:
+        self.line(name, False, detail)
+        self.done(code)
+        raise AssertionError("unreachable")
+
+    def unhealthy(self, name: str, state: str, lasted: str, why: str) -> None:
+        self._unhealthy.append({"dependency": name, "state": state, "for": lasted, "why": why})
+        if not self._json:
+            click.echo(f"{name:<10} {state.upper():<7} for {lasted}: {why}")
+
+    def done(self, code: int) -> None:
+        if self._json:
+            report = {"ok": code == 0, "exit": code, "checks": self._checks}
+            click.echo(json.dumps({**report, "unhealthy": self._unhealthy}))
+        if code:
+            sys.exit(code)
 
 
 def _check_api(settings: Settings) -> tuple[bool, str]:

@@ -85,6 +85,20 @@ def test_check_passes_against_a_reachable_broker_and_api(env: MakeEnv, sandbox: 
     assert sandbox.requests(endpoint="resend") == []
 
 
+def test_check_json_is_one_object_for_scripts(env: MakeEnv, sandbox: Sandbox) -> None:
+    passed = _cli("check", "--json", env=env())
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    report = json.loads(passed.stdout)
+    assert (report["ok"], report["exit"], report["unhealthy"]) == (True, 0, [])
+    assert list(report["checks"]) == ["settings", "broker", "billing", "ledger"]
+    assert all(c["ok"] for c in report["checks"].values())
+    failed = _cli("check", "--json", env=env(CELERY_BROKER_URL="amqp://guest:sekret@127.0.0.1:1//"))
+    assert failed.returncode == 2
+    report = json.loads(failed.stdout)
+    assert (report["ok"], report["exit"], report["checks"]["broker"]["ok"]) == (False, 2, False)
+    assert "sekret" not in failed.stdout
+
+
 def test_check_exits_2_when_the_broker_is_unreachable(env: MakeEnv) -> None:
     """A broker that does not answer: exit 2, the URL shown without its password."""
     result = _cli("check", env=env(CELERY_BROKER_URL="amqp://guest:sekret@127.0.0.1:1//"))

@@ -50,7 +50,7 @@ def test_an_api_down_for_a_minute_pauses_the_fleet_and_gives_up_nothing(
     # Before the circuit opened: the first tries in flight; after: about one probe per
     # 2, 4, 8, 16, 30, 30 s (the fleet's, not each worker's).
     assert during <= 16 + 12
-    logs = [w.log() for w in workers]
+    logs = [w.whole_log() for w in workers]
     assert any("api:hostup unhealthy" in log for log in logs)
     assert all("intake paused" in log for log in logs)
     loud = sum(len(_loud(log)) for log in logs)
@@ -83,7 +83,7 @@ def test_nothing_bound_downstream_pauses_instead_of_storming(
     assert len({e["id"] for e in settled}) == len(settled) == len(events) == 30
     assert letters == []
     assert all(len(sandbox.emails(invoice)) == 1 for invoice in invoices)
-    log = worker.log()
+    log = worker.whole_log()
     lines, loud = len(log.splitlines()), len(_loud(log))
     print(f"nothing bound 30 s, 30 events: {lines} log lines, {loud} warnings or errors")
     assert "bus opened for every worker" in log
@@ -115,7 +115,7 @@ def test_a_blocked_broker_pauses_the_fleet_and_doubles_nothing(
     finally:
         downstream.close()
         upstream.close()
-    log = worker.log()
+    log = worker.whole_log()
     lines, loud = len(log.splitlines()), len(_loud(log))
     print(f"broker blocked 20 s, 40 events: {lines} log lines, {loud} warnings or errors")
     assert sorted(e["data"]["invoiceId"] for e in settled) == sorted(invoices)

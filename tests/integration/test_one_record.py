@@ -136,7 +136,7 @@ def test_a_ledger_down_when_the_worker_starts_makes_events_wait_then_complete(
     for invoice in invoices:
         bus.reissue(invoice)
     wait_until(
-        lambda: "ledger unavailable" in worker.log(), timeout=60, what="the ledger seen down"
+        lambda: "ledger unavailable" in worker.whole_log(), timeout=60, what="the ledger seen down"
     )
     time.sleep(15)  # the outage itself: how long the ledger stays away
     assert sandbox.requests(endpoint="resend") == []  # nothing is sent without the ledger
@@ -149,7 +149,7 @@ def test_a_ledger_down_when_the_worker_starts_makes_events_wait_then_complete(
     assert sorted(e["data"]["invoiceId"] for e in out) == sorted(invoices)
     assert len(sandbox.requests(endpoint="resend")) == 20
     assert bus.dead_letters() == []
-    log = worker.log()
+    log = worker.whole_log()
     assert "unexpected error" not in log
     about = [line for line in log.splitlines() if "ledger" in line and "unavailable" in line]
     loud = [line for line in log.splitlines() if "WARNING/" in line or "ERROR/" in line]

@@ -240,7 +240,7 @@ def test_a_worker_without_native_delayed_delivery_refuses_to_start(
     assert worker.proc is not None
     returncode = worker.proc.wait(timeout=60)
     assert returncode != 0
-    assert "native delayed delivery is not set up" in worker.log()
+    assert "native delayed delivery is not set up" in worker.whole_log()
 
 
 def test_429s_give_up_once_the_total_wait_would_pass_the_limit(
@@ -266,4 +266,4 @@ def test_a_worker_on_another_pool_refuses_to_start(start_worker: StartWorker) ->
     worker = start_worker(wait=False, pool="solo")
     assert worker.proc is not None
     assert worker.proc.wait(timeout=60) != 0
-    assert "invoice-mailer runs on the threads pool: use --pool threads" in worker.log()
+    assert "invoice-mailer runs on the threads pool: use --pool threads" in worker.whole_log()

@@ -148,4 +148,9 @@ class WorkerProcess:
             self.proc.wait(10)
 
     def log(self) -> str:
+        """The log's last 6,000 characters: for failure messages."""
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def whole_log(self) -> str:
+        """The whole log: for counting its lines, or finding what was said at the start."""
+        return self.log_path.read_text(errors="replace")

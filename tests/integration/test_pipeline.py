@@ -151,3 +151,19 @@ def test_the_ledger_forgets_the_addresses_once_the_event_is_out(
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT * FROM invoice_mailer_ledger").fetchall()
     assert "@" not in json.dumps(rows)
+
+
+def test_a_list_of_broker_urls_fails_over_to_the_node_that_answers(
+    start_worker: StartWorker, bus: Bus, broker_url: str
+) -> None:
+    """``CELERY_BROKER_URL=amqp://a;amqp://b`` (a cluster's nodes): the first is down, the
+    worker consumes from and publishes to the second."""
+    dead = broker_url.replace(":5672/", ":1/")
+    worker = start_worker(CELERY_BROKER_URL=f"{dead};{broker_url}")
+    invoice = new_invoice()
+    bus.reissue(invoice)
+    [event] = bus.wait_for(1, timeout=60)
+    assert event["data"]["invoiceId"] == invoice
+    # Celery's delayed-delivery step tries to declare on every node of the list: on the
+    # dead one it retries about 17 s (1 + 3 + 5 s and the attempts), then the worker starts.
+    assert "native delayed delivery in place" in worker.whole_log()

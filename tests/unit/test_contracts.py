@@ -4,6 +4,8 @@ checked in, and true of what the service publishes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -117,3 +119,13 @@ def test_an_outgoing_event_without_a_field_of_the_contract_is_refused() -> None:
     del event["data"]["attempts"]
     with pytest.raises(jsonschema.ValidationError):
         _validate("invoiceEmailFailed", event)
+
+
+def test_the_command_prints_the_checked_in_document() -> None:
+    """``invoice-mailer asyncapi > docs/asyncapi.json`` regenerates the file as it is."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from cli import main; main()", "asyncapi"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == DOCUMENT.read_text()

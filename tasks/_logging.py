@@ -80,12 +80,17 @@ class TaskContext(logging.Filter):
 
 
 class MaskAddresses(logging.Filter):
-    """E-mail addresses never reach a log line, whatever logged them."""
+    """E-mail addresses never reach a log line, whatever logged them: in the message, and
+    in the fields a line carries (an upstream event id may be an address)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "@" in message:
             record.msg, record.args = EMAIL.sub("[email]", message), ()
+        for name in CONSOLE_FIELDS:
+            value = getattr(record, name, None)
+            if isinstance(value, str) and "@" in value:
+                setattr(record, name, EMAIL.sub("[email]", value))
         return True
 
 

@@ -59,3 +59,11 @@ def test_addresses_are_masked_before_formatting() -> None:
     record = _record("sent to billing@example.com")
     MaskAddresses().filter(record)
     assert "example.com" not in ConsoleFormatter().format(record)
+
+
+def test_addresses_in_the_fields_are_masked_too() -> None:
+    record = _record(event_id="someone@example.com", invoice="inv_1")
+    MaskAddresses().filter(record)
+    line = ConsoleFormatter().format(record)
+    assert "example.com" not in line
+    assert "event_id=[email] invoice=inv_1" in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -23,22 +24,32 @@ def _chromium() -> str:
 
 
 def rendered(url: str, *, budget_ms: int = 10_000) -> str:
-    """The page's DOM after its scripts ran for up to ``budget_ms`` of virtual time."""
-    done = subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",  # root in CI containers
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            f"--virtual-time-budget={budget_ms}",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """The page's DOM after its scripts ran for up to ``budget_ms`` of virtual time.
+
+    A fresh profile each time, and none of Chromium's own network traffic (updates,
+    sync, QUIC): on a closed network those connections are refused, many at a time."""
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",  # root in CI containers
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

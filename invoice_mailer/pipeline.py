@@ -630,7 +630,13 @@ class Pipeline:
         history = replace(history, attempts=history.attempts + 1)
         delay = whole_seconds(server_error_delay(history.attempts, self._policy, self._rng))
         self._log(run.job, PUBLISH, "publish_failed", started, code=exc.reason, wait=delay)
-        return RetryLater(run.job.with_history(PUBLISH, history), delay, PUBLISH, "publish")
+        return RetryLater(
+            run.job.with_history(PUBLISH, history),
+            delay,
+            PUBLISH,
+            "publish_failed",
+            code=str(exc.reason),
+        )
 
     # -- shared dependency health ----------------------------------------------------------
 

@@ -281,15 +281,19 @@ class EventPublisher:
                 producer.returned.clear()
                 producer.message_id, producer.waiting = message_id, True
                 try:
-                    self._write(
-                        producer,
+                    producer.publish(
                         body,
-                        exchange,
-                        routing_key,
-                        content_type,
-                        content_encoding,
-                        message_id,
-                        headers,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        content_type=content_type,
+                        content_encoding=content_encoding,
+                        delivery_mode=2,
+                        mandatory=True,
+                        message_id=message_id,
+                        headers=headers,
+                        retry=True,
+                        retry_policy=_RETRY_POLICY,
+                        timeout=CONFIRM_TIMEOUT_SECONDS,
                     )
                 except _Blocked:
                     blocked = producer.blocked
@@ -323,29 +327,3 @@ class EventPublisher:
             )
         if len(self._confirmed_late) > 10_000:  # ids whose retries never came here
             self._confirmed_late.clear()
-
-    @staticmethod
-    def _write(
-        producer: _ReturnTrackingProducer,
-        body: bytes,
-        exchange: Exchange,
-        routing_key: str,
-        content_type: str,
-        content_encoding: str,
-        message_id: str | None,
-        headers: dict[str, Any],
-    ) -> None:
-        producer.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            content_type=content_type,
-            content_encoding=content_encoding,
-            delivery_mode=2,
-            mandatory=True,
-            message_id=message_id,
-            headers=headers,
-            retry=True,
-            retry_policy=_RETRY_POLICY,
-            timeout=CONFIRM_TIMEOUT_SECONDS,
-        )

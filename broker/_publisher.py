@@ -101,7 +101,8 @@ class EventPublisher:
         self._idle: queue.SimpleQueue[_ReturnTrackingProducer] = queue.SimpleQueue()
         self._producers: list[_ReturnTrackingProducer] = []
         self._blocked: list[_ReturnTrackingProducer] = []  # each owes one late confirm
-        self._confirmed_late: set[str] = set()
+        self._confirmed_late: set[str] = set()  # never written a second time
+        self._unreported: list[str] = []  # confirmed late, not yet told to the caller
         self._lock = threading.Lock()
         self._settle_lock = threading.Lock()
         self._closed = False
@@ -124,29 +125,35 @@ class EventPublisher:
 
     @property
     def blocked(self) -> bool:
-        """Is a publish of this process waiting for a blocked broker to take it?"""
-        return bool(self._blocked)
+        """Is a publish of this process waiting for a blocked broker to take it, or one
+        it took late not yet told by ``settle_blocked``?"""
+        return bool(self._blocked or self._unreported)
 
     def settle_blocked(self) -> list[str]:
-        """Read what blocked connections were told since (unblocked, the late confirm):
-        the ids of messages the broker has now taken. A nacked or returned one is not
-        among them (it did not go out); a connection lost meanwhile is dropped, its
-        message's fate unknown (its retry may send a second copy, with the same id)."""
+        """The ids of messages a blocked broker took late, each told once: those found
+        now, and those a publish found meanwhile (``_refuse_while_blocked`` settles too)."""
         with self._settle_lock:
-            settled: list[str] = []
-            for producer in list(self._blocked):
-                try:
-                    producer.wait_late(SETTLE_WAIT_SECONDS)
-                except TimeoutError:
-                    continue  # still blocked, or the confirm is yet to come
-                except (*self._connection.connection_errors, OSError):
-                    self._forget_blocked(producer)
-                    continue
-                if producer.late == "ack" and not producer.returned and producer.message_id:
-                    settled.append(producer.message_id)
+            self._settle()
+            told, self._unreported = self._unreported, []
+            return told
+
+    def _settle(self) -> None:
+        """Read what blocked connections were told since (unblocked, the late confirm).
+        A nacked or returned message is not settled (it did not go out); a connection
+        lost meanwhile is dropped, its message's fate unknown (its retry may send a
+        second copy, with the same id). The caller holds ``_settle_lock``."""
+        for producer in list(self._blocked):
+            try:
+                producer.wait_late(SETTLE_WAIT_SECONDS)
+            except TimeoutError:
+                continue  # still blocked, or the confirm is yet to come
+            except (*self._connection.connection_errors, OSError):
                 self._forget_blocked(producer)
-            self._confirmed_late.update(settled)
-            return settled
+                continue
+            if producer.late == "ack" and not producer.returned and producer.message_id:
+                self._confirmed_late.add(producer.message_id)
+                self._unreported.append(producer.message_id)
+            self._forget_blocked(producer)
 
     def _forget_blocked(self, producer: _ReturnTrackingProducer) -> None:
         self._blocked.remove(producer)
@@ -318,7 +325,8 @@ class EventPublisher:
     def _refuse_while_blocked(self, routing_key: str) -> None:
         """While a blocked connection has heard of no unblock, every publish is refused
         unwritten: the alarm is the broker's, every connection of ours would block."""
-        self.settle_blocked()
+        with self._settle_lock:
+            self._settle()
         reasons = [p.blocked for p in self._blocked if p.blocked]
         if reasons:
             raise PublishError(

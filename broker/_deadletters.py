@@ -29,6 +29,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.message import Message
 
+from broker._depths import queue_depths
 from broker._messages import raw_body
 from broker._publisher import EventPublisher
 from broker._topology import Topology
@@ -230,7 +231,8 @@ class DeadLetterQueue:
     ) -> list[DeadLetterEntry]:
         """Re-publish the selected dead letters, each event once: a second dead letter of
         an event already replayed (same ``(source, id)``, or the same body) is removed
-        without a second publish. Each is acked only after its replay's confirm."""
+        without a second publish. Each is acked only after its replay's confirm.
+        ``progress`` is told of every dead letter looked at, selected or not."""
         replayed: list[DeadLetterEntry] = []
         done: set[tuple[str, ...]] = set()
         now = datetime.now(UTC)
@@ -239,9 +241,9 @@ class DeadLetterQueue:
             with self._browse() as messages:
                 for message in messages:
                     entry = describe_message(message)
+                    progress(entry)
                     if not select(entry, now):
                         continue
-                    progress(entry)
                     if entry.identity() in done:
                         if publisher is not None:
                             message.ack()  # its event is replayed already
@@ -262,6 +264,13 @@ class DeadLetterQueue:
             if publisher is not None:
                 publisher.close()
         return replayed
+
+    def depth(self) -> int:
+        """How many dead letters wait, asked with one passive declare."""
+        name = self._topology.dead_letter_queue
+        return queue_depths(self._url, {"dead_letter": name}, delayed=False)[
+            ("dead_letter", "ready")
+        ]
 
     def purge(self, select: Selection | None = None) -> int:
         """Delete the selected dead letters (every one, without a selection); how many."""

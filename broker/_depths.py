@@ -13,10 +13,13 @@ __all__ = ["QueueDepths", "queue_depths"]
 DELAY_LEVELS = 28  # Celery's native delayed delivery: celery_delayed_0 .. celery_delayed_27
 
 
-def queue_depths(url: str, queues: dict[str, str]) -> dict[tuple[str, str], int]:
-    """``{(queue, "ready"): n, ..., ("delayed", "parked"): n}`` over one short connection."""
+def queue_depths(
+    url: str, queues: dict[str, str], *, delayed: bool = True
+) -> dict[tuple[str, str], int]:
+    """``{(queue, "ready"): n, ..., ("delayed", "parked"): n}`` over one short connection
+    (``delayed=False``: without the parked retries' count)."""
     with Connection(url, connect_timeout=3) as conn:
-        return _Reader(conn).read(queues)
+        return _Reader(conn).read(queues, delayed=delayed)
 
 
 class QueueDepths:
@@ -69,10 +72,11 @@ class _Reader:
         self._conn = conn
         self._channel: Any = None
 
-    def read(self, queues: dict[str, str]) -> dict[tuple[str, str], int]:
+    def read(self, queues: dict[str, str], *, delayed: bool = True) -> dict[tuple[str, str], int]:
         counts = {(label, "ready"): self._count(name) for label, name in queues.items()}
-        delayed = (self._count(f"celery_delayed_{level}") for level in range(DELAY_LEVELS))
-        counts[("delayed", "parked")] = sum(delayed)
+        if delayed:
+            levels = (self._count(f"celery_delayed_{level}") for level in range(DELAY_LEVELS))
+            counts[("delayed", "parked")] = sum(levels)
         return counts
 
     def _count(self, name: str) -> int:

@@ -142,9 +142,10 @@ def replay(everything: bool, dry_run: bool, as_json: bool, **filters: Any) -> No
     if select.everything and not everything:
         raise click.UsageError("say what to replay: --id, --reason, --invoice, an age or --all")
     queue = _queue()
-    total = len(queue.entries(select))
+    # The bar counts the dead letters looked at, against the queue's depth: one passive
+    # declare, not a browse of the whole queue before the one that replays.
     with click.progressbar(
-        length=total, label="replaying", file=sys.stderr, show_pos=True
+        length=queue.depth(), label="replaying", file=sys.stderr, show_pos=True
     ) as bar:  # drawn only on a terminal
         try:
             replayed = queue.replay(select, dry_run=dry_run, progress=lambda _: bar.update(1))

@@ -29,6 +29,15 @@ class Topology:
     # Deliveries of one raw event before the broker dead-letters it: bounds a poison loop.
     reissued_delivery_limit: int = 20
 
+    def watched_queues(self, task_queue: str) -> dict[str, str]:
+        """The queues whose depths operators watch, by the label ``status`` and the
+        metrics give them."""
+        return {
+            "reissued": self.reissued_queue,
+            "tasks": task_queue,
+            "dead_letter": self.dead_letter_queue,
+        }
+
     def events(self) -> Exchange:
         return Exchange(self.events_exchange, type="topic", durable=True)
 

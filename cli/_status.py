@@ -72,14 +72,7 @@ def gather(settings: Settings, app: Any) -> dict[str, Any]:
         "workers": {},
     }
     try:
-        depths = queue_depths(
-            settings.celery_broker_url,
-            {
-                "reissued": topology.reissued_queue,
-                "tasks": TASK_QUEUE,
-                "dead_letter": topology.dead_letter_queue,
-            },
-        )
+        depths = queue_depths(settings.celery_broker_url, topology.watched_queues(TASK_QUEUE))
     except Exception as exc:
         snapshot["broker_error"] = f"{type(exc).__name__}: {exc}"
         return snapshot

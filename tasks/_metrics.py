@@ -174,12 +174,7 @@ class QueueDepthCollector(Collector):
     """Ready and parked messages per queue, asked of the broker (at most every 5 s)."""
 
     def __init__(self, url: str, topology: Topology, task_queue: str) -> None:
-        queues = {
-            "reissued": topology.reissued_queue,
-            "tasks": task_queue,
-            "dead_letter": topology.dead_letter_queue,
-        }
-        self._depths = QueueDepths(url, queues)
+        self._depths = QueueDepths(url, topology.watched_queues(task_queue))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(

@@ -154,6 +154,8 @@ def check(as_json: bool) -> None:
         name, state, lasted, why = health_row(unhealthy)
         report.unhealthy(name, state, lasted, why)
     report.done(EXIT_UNHEALTHY if sick else 0)
+    if sick:
+        sys.exit(EXIT_UNHEALTHY)
 
 
 class _Report:
@@ -174,7 +176,7 @@ class _Report:
     def fail(self, name: str, detail: str, code: int) -> NoReturn:
         self.line(name, False, detail)
         self.done(code)
-        raise AssertionError("unreachable")
+        sys.exit(code)
 
     def unhealthy(self, name: str, state: str, lasted: str, why: str) -> None:
         self._unhealthy.append({"dependency": name, "state": state, "for": lasted, "why": why})
@@ -182,11 +184,10 @@ class _Report:
             click.echo(f"{name:<10} {state.upper():<7} for {lasted}: {why}")
 
     def done(self, code: int) -> None:
+        """With ``--json``, the object, once every check is in (the caller exits)."""
         if self._json:
             report = {"ok": code == 0, "exit": code, "checks": self._checks}
             click.echo(json.dumps({**report, "unhealthy": self._unhealthy}))
-        if code:
-            sys.exit(code)
 
 
 def _check_api(settings: Settings) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -160,8 +161,11 @@ class DeadLetterMessage:
 class Bus:
     """Upstream and downstream of the service: publishes raw events, captures outgoing ones."""
 
-    def __init__(self, url: str, *, capture: str | None = None, listen: bool = True) -> None:
-        """``capture`` names a durable capture queue that outlives a broker restart;
+    def __init__(
+        self, url: str, *, capture: str | None = None, listen: bool = True, quorum: bool = False
+    ) -> None:
+        """``capture`` names a durable capture queue that outlives a broker restart
+        (``quorum``: replicated, it outlives the loss of a cluster node too);
         ``listen=False`` binds nothing: upstream alone, with nothing bound downstream."""
         self.url = url
         self.conn = Connection(url, transport_options={"confirm_publish": True})
@@ -170,10 +174,12 @@ class Bus:
         self._capture = Queue(
             self.capture_name,
             bindings=[binding(self.exchange, routing_key=k) for k in (EMAIL_QUEUED, EMAIL_FAILED)],
-            durable=capture is not None,
+            durable=capture is not None or quorum,
+            queue_arguments={"x-queue-type": "quorum"} if quorum else None,
         )
         self.received: list[dict[str, Any]] = []
         self.received_messages: list[Any] = []
+        self.arrived: list[float] = []  # monotonic time each message was read
         self._channel = self.conn.channel()
         self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._producer = self.conn.Producer(self.conn.channel())
@@ -242,6 +248,7 @@ class Bus:
 
     def _on_message(self, message: Any) -> None:
         self.received_messages.append(message)
+        self.arrived.append(time.monotonic())
         self._inbox.put(json.loads(raw_body(message)))
         message.ack()
 
@@ -253,7 +260,6 @@ class Bus:
         where: Callable[[dict[str, Any]], bool] = lambda e: True,
     ) -> list[dict[str, Any]]:
         """Block until ``count`` outgoing events matching ``where`` have arrived in all."""
-        import time
 
         deadline = time.monotonic() + timeout
         while True:
@@ -268,6 +274,10 @@ class Bus:
                     f"{json.dumps(matching, indent=1)[:3000]}"
                 )
             self._pump(min(remaining, 0.5))
+
+    def listen(self, seconds: float) -> None:
+        """Read outgoing events for up to ``seconds`` (less once one arrives)."""
+        self._pump(seconds)
 
     def drain(self) -> list[dict[str, Any]]:
         """Everything that has arrived so far, after emptying the broker's buffer."""
@@ -331,7 +341,6 @@ def restart_rabbitmq(*, down_seconds: float = 0) -> None:
     """Stop the broker's application (every connection drops), keep it down for
     ``down_seconds`` (the outage's length, not a synchronisation), start it, and
     return once it accepts connections again."""
-    import time
 
     subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
     time.sleep(down_seconds)
@@ -370,7 +379,6 @@ def _eval(expression: str) -> str:
 
 def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    import time
 
     deadline = time.monotonic() + timeout
     while not condition():

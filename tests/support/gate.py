@@ -18,8 +18,11 @@ def _free_port() -> int:
 
 
 class TcpGate:
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, *, target_host: str = "127.0.0.1", listen_host: str = "127.0.0.1"
+    ) -> None:
         self.target = (target_host, target_port)
+        self.host = listen_host
         self.port = _free_port()
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -27,17 +30,17 @@ class TcpGate:
 
     def open(self) -> None:
         """Listen, and forward every connection to the target."""
-        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        listener = socket.create_server((self.host, self.port), reuse_port=False)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def close(self) -> None:
         """Stop listening and cut every forwarded connection."""
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
         if listener is not None:
             listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -56,6 +59,10 @@ class TcpGate:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if self._listener is not listener:  # closed while this one was connecting
+                    client.close()
+                    upstream.close()
+                    return
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()

@@ -55,11 +55,16 @@ class WorkerProcess:
         name: str | None = None,
         app: str = "tasks",
         pool: str = "threads",
+        prefix: list[str] | None = None,
+        host: str = "test",
     ) -> None:
+        """``prefix`` runs the worker inside something (``ip netns exec <ns>``: a host);
+        ``host`` is its node name's domain, as Celery's ``%h`` would be on that host."""
         self.env = env
+        self.prefix = prefix or []
         self.app = app
         self.pool = pool
-        self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@test"
+        self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@{host}"
         self.log_path = log_dir / f"{self.name.split('@')[0]}.log"
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,6 +73,7 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "celery",

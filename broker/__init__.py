@@ -20,7 +20,7 @@ from broker._delayed import DelayedDeliveryMissing, check_delayed_delivery
 from broker._depths import QueueDepths, queue_depths
 from broker._messages import raw_body
 from broker._publisher import EventPublisher
-from broker._topology import REISSUED_ROUTING_KEY, Topology
+from broker._topology import REISSUED_ROUTING_KEY, Topology, TopologyMismatch
 
 __all__ = [
     "REISSUED_ROUTING_KEY",
@@ -32,6 +32,7 @@ __all__ = [
     "ReasonGroup",
     "Selection",
     "Topology",
+    "TopologyMismatch",
     "by_reason",
     "check_delayed_delivery",
     "describe",

@@ -21,13 +21,14 @@ from celery.concurrency.thread import TaskPool as ThreadPool
 from kombu import Consumer
 from kombu.message import Message
 
-from broker import raw_body
+from broker import TopologyMismatch, raw_body
 from invoice_mailer.errors import InvalidEvent, PublishError
 from invoice_mailer.events import parse_reissued
 from invoice_mailer.intake import reject
 from invoice_mailer.job import Job
 from invoice_mailer.observe import StepRecord
 from invoice_mailer.publishing import REPLAY_HEADER
+from settings import SettingsError, exit_config
 from tasks import InvoiceMailerCelery
 from tasks.pipeline import run_first_attempt
 
@@ -69,7 +70,10 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
         self._consumer = c
         self._prefetch = PREFETCH_PER_THREAD * c.pool.limit
-        self.app.settings.topology().declare(c.connection)
+        try:
+            self.app.settings.topology().declare(c.connection)
+        except TopologyMismatch as exc:
+            exit_config(SettingsError(str(exc)))
         super().start(c)
         self.app.runtime.ready = True
         self.app.runtime.watch_health()

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9808, ge=0, le=65535)
     metrics_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 (scraped from outside)
     log_format: Literal["console", "json"] = "console"
+    dead_letter_queue_type: Literal["classic", "quorum"] = "classic"
     email_info_lag_seconds: float = Field(default=5.0, ge=0, le=3600)
     retry_outage_max_wait_seconds: float | None = Field(default=None, ge=0)
     hostup_max_requests_per_second: float | None = Field(default=None, gt=0)
@@ -81,7 +82,7 @@ class Settings(BaseSettings):
             raise ValueError("must be user:password")
         return value
 
-    @field_validator("billing_provider", "log_format", mode="before")
+    @field_validator("billing_provider", "log_format", "dead_letter_queue_type", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -155,7 +156,10 @@ class Settings(BaseSettings):
         return 2 * self.http_timeout_seconds + 5
 
     def topology(self) -> Topology:
-        return Topology(events_exchange=self.events_exchange)
+        return Topology(
+            events_exchange=self.events_exchange,
+            dead_letter_queue_type=self.dead_letter_queue_type,
+        )
 
     def http_config(self, *, max_connections: int = 100) -> HttpConfig:
         return HttpConfig(

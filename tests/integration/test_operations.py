@@ -313,3 +313,25 @@ def test_a_backlog_stays_in_the_broker_beyond_two_events_per_thread(
     wait_until(lambda: len(sandbox.requests()) == 2, timeout=30, what="two POSTs in flight")
     wait_until(lambda: bus.queue_depth(RAW_QUEUE) == 8, timeout=30, what="4 events taken, 8 ready")
     assert len(sandbox.requests()) == 2  # the two taken beyond them wait for a thread
+
+
+def test_a_dead_letter_queue_of_another_type_stops_the_worker_naming_the_setting(
+    start_worker: StartWorker, broker_url: str
+) -> None:
+    """The dead-letter queue exists classic (as 0.3 declared it); a worker configured for
+    quorum cannot redeclare it: it stops at once, exit 78, one line naming the queue
+    and DEAD_LETTER_QUEUE_TYPE, instead of crashing with a traceback or running on."""
+    from kombu import Connection
+
+    from broker import Topology
+
+    with Connection(broker_url) as conn:
+        Topology().declare(conn)  # classic, the default
+    worker = start_worker(wait=False, DEAD_LETTER_QUEUE_TYPE="quorum")
+    assert worker.proc is not None
+    assert worker.proc.wait(timeout=60) == 78
+    told = [line for line in worker.whole_log().splitlines() if "invalid setting" in line]
+    assert len(told) == 1, worker.log()
+    assert "'invoice-mailer.dead-letter'" in told[0]
+    assert "DEAD_LETTER_QUEUE_TYPE" in told[0]
+    assert "Traceback" not in worker.whole_log()

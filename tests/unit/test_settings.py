@@ -45,6 +45,7 @@ OPERATIONS_VARIABLES = {
     "RETRY_OUTAGE_MAX_WAIT_SECONDS",
     "HOSTUP_MAX_REQUESTS_PER_SECOND",
     "ABILLIFY_MAX_REQUESTS_PER_SECOND",
+    "DEAD_LETTER_QUEUE_TYPE",
 }
 
 
@@ -129,6 +130,7 @@ def test_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"HOSTUP_API_KEY": "k", "FLOWER_BASIC_AUTH": "nocolon"}, "FLOWER_BASIC_AUTH"),
         ({"HOSTUP_API_KEY": "k", "METRICS_PORT": "70000"}, "METRICS_PORT"),
         ({"HOSTUP_API_KEY": "k", "LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"HOSTUP_API_KEY": "k", "DEAD_LETTER_QUEUE_TYPE": "mirrored"}, "DEAD_LETTER_QUEUE_TYPE"),
     ],
 )
 def test_a_bad_setting_names_its_variable(
@@ -257,3 +259,16 @@ def test_choices_are_not_case_sensitive(
 ) -> None:
     monkeypatch.setenv(variable, value)
     assert getattr(load(hostup_api_key="k"), variable.lower()) == value.lower()
+
+
+@pytest.mark.parametrize(
+    ("value", "arguments"),
+    [(None, None), ("classic", None), ("Quorum", {"x-queue-type": "quorum"})],
+)
+def test_the_dead_letter_queue_is_declared_of_the_type_set(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, arguments: dict[str, str] | None
+) -> None:
+    """Classic by default (as existing deployments declared it); quorum on a cluster."""
+    if value is not None:
+        monkeypatch.setenv("DEAD_LETTER_QUEUE_TYPE", value)
+    assert load().topology().dead_letters().queue_arguments == arguments

@@ -44,6 +44,18 @@ def create_app(
         broker_url=settings.celery_broker_url,
         # Keep trying when the broker is not up yet at start (deploys, reboots).
         broker_connection_retry_on_startup=True,
+        # A node that dies without closing its sockets (a host lost, a cable cut) is
+        # noticed after two silent intervals, 20 s, instead of Celery's 240 s; the
+        # worker then fails over to the next URL of CELERY_BROKER_URL. The heartbeat
+        # is sent from the worker's event loop, which no task blocks (threads pool).
+        broker_heartbeat=10,
+        # Celery 5.7 declares each worker's remote-control queue exclusive to its
+        # connection. A worker whose link came back reconnects before the broker has
+        # given up on the old connection (two silent heartbeats), the declaration is
+        # refused (RESOURCE_LOCKED) and Celery stops the worker as "unrecoverable"
+        # (tests/integration/test_cluster.py, the host cut off). Not exclusive, the
+        # queue still goes away 10 s after its last consumer (control_queue_expires).
+        control_queue_exclusive=False,
         # Without confirms a broker-side reject (memory/disk alarm) is silent (celery#5410).
         broker_transport_options=(
             {"polling_interval": 0.05} if memory else {"confirm_publish": True}

@@ -34,7 +34,7 @@ class ProviderCredentials(bootsteps.Step):  # type: ignore[misc]
 
 
 class DelayedDeliveryCheck(bootsteps.StartStopStep):  # type: ignore[misc]
-    requires = ("celery.worker.consumer.delayed_delivery:DelayedDelivery",)
+    requires = ("tasks._workarounds:LiveNodeDelayedDelivery",)
 
     def start(self, c: Any) -> None:
         if c.connection.transport.driver_type != "amqp":

@@ -131,3 +131,42 @@ def test_httpcores_pool_rescans_its_connections_for_each_connection() -> None:
     pool._connections = [Idle() for _ in range(20)]  # type: ignore[list-item]
     pool._assign_requests_to_connections()
     assert calls >= 20 * 20
+
+
+def test_celery_declares_the_remote_control_queue_exclusive_by_default() -> None:
+    """What ``control_queue_exclusive=False`` in ``tasks/_app.py`` overrides: with the
+    default, a worker reconnecting before the broker dropped its old connection is
+    refused its own control queue (RESOURCE_LOCKED) and stops."""
+    app = Celery(broker="memory://", set_as_current=False)
+    try:
+        assert app.conf.control_queue_exclusive is True
+        assert app.control.mailbox.queue_exclusive is True
+    finally:
+        app.close()
+
+
+def test_the_service_declares_its_control_queue_shared() -> None:
+    from tasks import app
+
+    assert app.control.mailbox.queue_exclusive is False
+    assert app.control.mailbox.get_queue("w@h").exclusive is False
+
+
+def test_celery_sets_up_delayed_delivery_on_every_broker_url() -> None:
+    """What ``LiveNodeDelayedDelivery`` works around: Celery's step declares on each URL
+    of a failover list in turn, dead nodes included. Once it stops doing so, drop ours."""
+    from celery.worker.consumer.delayed_delivery import DelayedDelivery
+
+    source = inspect.getsource(DelayedDelivery.start)
+    assert "self._validate_broker_urls(app.conf.broker_url)" in source
+    assert "for broker_url in broker_urls:" in source
+
+
+def test_the_service_consumer_runs_the_live_node_step_instead_of_celerys() -> None:
+    from tasks._workarounds import CELERY_DELAYED_DELIVERY, Consumer, LiveNodeDelayedDelivery
+
+    assert CELERY_DELAYED_DELIVERY in CeleryConsumer.Blueprint.default_steps
+    steps = Consumer.Blueprint.default_steps
+    assert CELERY_DELAYED_DELIVERY not in steps
+    assert "tasks._workarounds:LiveNodeDelayedDelivery" in steps
+    assert LiveNodeDelayedDelivery.name != "celery.worker.consumer.delayed_delivery.DelayedDelivery"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -158,17 +160,47 @@ def _left(timeout: float | None, error: type[Exception]) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
+_ABORTIVE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, sends nothing more
+
+
 class _DeadlineStream(httpcore.NetworkStream):
+    """A stream whose every read and write ends by the thread's deadline, and whose
+    close after a failed read or write is abortive.
+
+    A request given up on (a timeout, a dropped link) must not reach the API later:
+    a plain close leaves the unacknowledged bytes to the kernel, which retransmits
+    them, then its FIN, for minutes (seen in ``tests/integration/test_cluster.py``:
+    a host cut off for 20 s delivered a POST its worker had given up on after the
+    link came back, when another worker had already looked for that resend in
+    email-info, found none, and sent a second email). With SO_LINGER 0 the kernel
+    drops what it has not delivered: the API got the request before the client
+    gave up, or never. Closes of healthy connections stay graceful.
+    """
+
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        self._failed = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+        try:
+            return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+        except BaseException:
+            self._failed = True
+            raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+        try:
+            self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+        except BaseException:
+            self._failed = True
+            raise
 
     def close(self) -> None:
+        if self._failed:
+            sock = self._stream.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORTIVE)
         self._stream.close()
 
     def start_tls(

@@ -116,3 +116,63 @@ def test_an_answer_larger_than_the_bound_is_cut_off() -> None:
     with build_http_client(HttpConfig()) as http:
         answer = send(http, "GET", URL, headers={}, redactor=Redactor([]))
     assert len(answer.content) == MAX_ANSWER_BYTES
+
+
+class _SilentServer:
+    """A TCP server on loopback that reads one request and answers per ``answer``;
+    ``after_close`` is what its next read saw once the client closed: b"" for a FIN,
+    "reset" for an RST."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        import socket
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/x"
+        self._answer = answer
+        self.after_close: bytes | str | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            conn.recv(65536)
+            if self._answer is not None:
+                conn.sendall(self._answer)
+            conn.settimeout(10)
+            try:
+                self.after_close = conn.recv(65536)
+            except ConnectionResetError:
+                self.after_close = "reset"
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)
+        self._listener.close()
+
+
+def _post(http: httpx.Client, url: str) -> None:
+    from invoice_mailer.billing._http import send
+    from invoice_mailer.untrusted import Redactor
+
+    send(http, "POST", url, headers={}, redactor=Redactor([]))
+
+
+def test_a_request_given_up_on_is_closed_abortively() -> None:
+    """A POST whose answer never came is reset, not closed gracefully: the kernel
+    drops whatever it had not delivered yet instead of retransmitting it later."""
+    from invoice_mailer.errors import TransientError
+
+    server = _SilentServer(answer=None)
+    with build_http_client(HttpConfig(timeout_seconds=0.3)) as http, pytest.raises(TransientError):
+        _post(http, server.url)
+    server.join()
+    assert server.after_close == "reset"
+
+
+def test_a_healthy_connection_is_closed_gracefully() -> None:
+    answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+    server = _SilentServer(answer=answer)
+    with build_http_client(HttpConfig(timeout_seconds=2)) as http:
+        _post(http, server.url)
+    server.join()
+    assert server.after_close == b""

@@ -182,6 +182,8 @@ class _Run:
     """The dependency this run is the one probe of, until its next call to it ends."""
     probe_failed: bool = False
     """Its probe failed: the outage's failure, not the event's (no try is used up)."""
+    leased_at: float = 0.0
+    """The wall-clock ``now`` of the last write that renewed this run's lease."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -229,6 +231,7 @@ class Pipeline:
     def run(self, job: Job) -> Outcome:
         """Claim the event, then perform each step its record calls for, until one waits."""
         owner = uuid.uuid4().hex
+        claimed_at = self._now()
         try:
             claim = self._ledger.claim(
                 job.event.key,
@@ -236,7 +239,7 @@ class Pipeline:
                 provider=self._provider.name,
                 owner=owner,
                 lease_seconds=self._lease_seconds,
-                now=self._now(),
+                now=claimed_at,
                 reopen_failed=job.replay,
                 # Mark the resend in flight in the claim's own write, unless the API is
                 # unhealthy for the fleet: then the run will wait, not send.
@@ -253,7 +256,7 @@ class Pipeline:
             delay = whole_seconds(min(claim.retry_in, BUSY_RECHECK_SECONDS))
             self._log(job, "claim", "busy", self._clock(), wait=delay)
             return RetryLater(job, delay, "claim", "busy")
-        run = _Run(job, owner, claim.record, claim.resend_begun_at)
+        run = _Run(job, owner, claim.record, claim.resend_begun_at, leased_at=claimed_at)
         try:
             outcome = self._steps(run)
         except LedgerError as exc:
@@ -416,17 +419,22 @@ class Pipeline:
             self._give_up_uncertain(run, first_started)
             return None
         started = self._clock()
-        begun_at = None if rebegin else run.resend_begun_at
+        begun_at = None if rebegin or self._lease_uncertain(run) else run.resend_begun_at
         if begun_at is None:
-            # Not marked by the claim, or marked a while ago: mark it now, if the lease
-            # is still ours (this also renews it).
+            # Not marked by the claim, or marked a while ago, or the claim's answer came
+            # so late that the lease may have passed to another run meanwhile: mark it
+            # now, if the lease is still ours (this also renews it).
             try:
+                run.leased_at = self._now()
                 begun_at = self._ledger.begin_resend(
-                    run.key, owner=run.owner, now=self._now(), lease_seconds=self._lease_seconds
+                    run.key, owner=run.owner, now=run.leased_at, lease_seconds=self._lease_seconds
                 )
             except InvoiceBusy:
                 return self._wait_for_invoice(run, started)
-        if begun_at is None:  # someone else took the event over: let them finish
+        if begun_at is None or self._lease_uncertain(run):
+            # Someone else took the event over (let them finish), or this renewal's own
+            # answer came too late to be sure it still holds: never POST on a lease
+            # that may be another run's.
             self._log(job, RESEND, "lease_lost", started, wait=1)
             return RetryLater(job, 1, RESEND, "lease_lost")
         try:
@@ -846,7 +854,19 @@ class Pipeline:
 
     def _lease(self, run: _Run) -> dict[str, Any]:
         """What a ledger write needs to renew this run's lease."""
-        return {"owner": run.owner, "now": self._now(), "lease_seconds": self._lease_seconds}
+        run.leased_at = self._now()
+        return {"owner": run.owner, "now": run.leased_at, "lease_seconds": self._lease_seconds}
+
+    def _lease_uncertain(self, run: _Run) -> bool:
+        """Has half the lease passed since the write that last renewed it began?
+
+        A ledger answer can arrive long after its statement ran (a link down for 20 s,
+        TCP delivering the reply once it is back): the lease it renewed may have run out
+        and another run, on another host, taken the event over meanwhile. Past half the
+        lease, the POST (bounded by the HTTP deadline, well inside the other half) waits
+        for a fresh renewal first.
+        """
+        return self._now() - run.leased_at > self._lease_seconds / 2
 
     def _decide(self, run: _Run, step: str, error: BillingError, started: float) -> Retry | GiveUp:
         """Apply the retry policy to a failed step; the job's history records the try."""

@@ -20,6 +20,18 @@ __all__ = ["PostgresLedger"]
 _MIGRATION_LOCK = 0x1A7_0_1CE
 CONNECT_TIMEOUT_SECONDS = 5
 WAIT_SECONDS = 10.0
+# A statement on a link that went silent fails within about 4 s instead of waiting
+# for TCP to give up (minutes): what it sent unacknowledged for 4 s
+# (tcp_user_timeout), or no reply and no keepalive answered for 2 + 2 x 1 s. The
+# run then waits in the broker; a reply that arrives late anyway is met by the
+# pipeline's lease check (Pipeline._lease_uncertain) before any POST.
+_NETWORK_BOUNDS = {
+    "tcp_user_timeout": 4000,  # milliseconds
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+}
 
 
 class PostgresLedger(SqlLedger):
@@ -32,7 +44,11 @@ class PostgresLedger(SqlLedger):
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                **_NETWORK_BOUNDS,
+            },
             open=False,
             timeout=WAIT_SECONDS,
         )

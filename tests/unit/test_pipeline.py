@@ -254,3 +254,50 @@ def test_a_ledger_that_keeps_no_progress_stops_the_run_after_one_post(
         pipeline.run(JOB)
     assert len(route.calls) == 1
     assert pub.events == []
+
+
+class _LateClaims:
+    """A ledger whose claims answer ``late`` seconds after they ran; with ``takeover``,
+    another run claims the event in between (its lease having run out)."""
+
+    def __init__(self, ledger: Ledger, clock: Clock, *, late: float, takeover: bool) -> None:
+        self._ledger, self._clock = ledger, clock
+        self._late, self._takeover = late, takeover
+        self.renewals = 0
+
+    def claim(self, key: Any, **kwargs: Any) -> Any:
+        answer = self._ledger.claim(key, **kwargs)
+        self._clock.now += self._late
+        if self._takeover:
+            self._ledger.claim(key, **{**kwargs, "owner": "another-run", "now": self._clock.now})
+        return answer
+
+    def begin_resend(self, key: Any, **kwargs: Any) -> Any:
+        self.renewals += 1
+        return self._ledger.begin_resend(key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+
+@respx.mock
+@pytest.mark.parametrize(
+    ("late", "takeover", "posts", "renewals"),
+    [
+        (1, False, 1, 0),  # an answer in time: POST on the claim's own mark
+        (20, False, 1, 1),  # past half the lease: renewed first, then POST
+        (31, True, 0, 1),  # past the lease, taken over meanwhile: no POST
+    ],
+)
+def test_a_claim_answered_late_posts_only_on_a_lease_still_held(
+    ledger: Ledger, http: httpx.Client, late: float, takeover: bool, posts: int, renewals: int
+) -> None:
+    """A claim whose answer comes late (a host's link down while it was in flight) may
+    no longer hold the lease: the resend is sent only after a renewal says it does."""
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=OK))
+    clock, pub = Clock(1_800_000_000.0), InMemoryPublisher()
+    late_ledger = _LateClaims(ledger, clock, late=late, takeover=takeover)
+    outcome = _pipeline(late_ledger, http, clock, pub).run(JOB)  # type: ignore[arg-type]
+    assert len(route.calls) == posts
+    assert late_ledger.renewals == renewals
+    assert isinstance(outcome, RetryLater if takeover else Done)

@@ -466,6 +466,64 @@ def percentile(values: list[float], p: float) -> float:
     )
 
 
+@dataclass(frozen=True)
+class Target:
+    """One target of the issues' performance bars, met or not by this run's figures."""
+
+    name: str
+    figure: str
+    bound: str
+    met: bool | None  # None: not measured by this run (say how to measure it)
+
+
+def targets(project: Figures, baseline: Figures | None, latency: float) -> list[Target]:
+    """The bars (issue 18: at least the baseline's events/s at no more than 1.5x its CPU
+    per event; issue 23: 1.3x the events/s at 0.75x the CPU, light-load p50 and p99,
+    RSS) against this run's figures, as ratios within the one run."""
+    found: list[Target] = []
+    if baseline is not None and baseline.events_per_second and baseline.cpu_ms_per_event:
+        speed = project.events_per_second / baseline.events_per_second
+        cpu = project.cpu_ms_per_event / baseline.cpu_ms_per_event
+        found += [
+            Target("events/s vs baseline (issue 18)", f"{speed:.2f}x", ">= 1.00x", speed >= 1.0),
+            Target("CPU/event vs baseline (issue 18)", f"{cpu:.2f}x", "<= 1.50x", cpu <= 1.5),
+            Target("events/s vs baseline (issue 23)", f"{speed:.2f}x", ">= 1.30x", speed >= 1.3),
+            Target("CPU/event vs baseline (issue 23)", f"{cpu:.2f}x", "<= 0.75x", cpu <= 0.75),
+        ]
+    else:
+        for name in ("events/s vs baseline", "CPU/event vs baseline"):
+            found.append(Target(name, "-", "needs the baseline (drop --no-baseline)", None))
+    for p, slack in ((50, 0.010), (99, 0.040)):
+        bound = 2 * latency + slack
+        value = percentile(project.light_latency, p)
+        measured = bool(project.light_latency)
+        found.append(
+            Target(
+                f"light-load p{p}",
+                f"{value * 1000:.0f} ms" if measured else "-",
+                f"<= {bound * 1000:.0f} ms",
+                value <= bound if measured else None,
+            )
+        )
+    rss = max(project.peak_rss_mb, default=0.0)
+    found.append(Target("peak RSS per process", f"{rss:.0f} MB", "< 100 MB", rss < 100))
+    if project.backlog_peak_rss_mb:
+        grown = max(project.backlog_peak_rss_mb) - rss
+        found.append(
+            Target("RSS growth over the backlog", f"{grown:+.0f} MB", "<= +10 MB", grown <= 10)
+        )
+    else:
+        found.append(Target("RSS flat over 20,000 events", "-", "needs --backlog 20000", None))
+    return found
+
+
+def print_targets(found: list[Target]) -> None:
+    print(f"\n{'target':36} {'figure':>9} {'bound':>12}  verdict")
+    for target in found:
+        verdict = {True: "PASS", False: "FAIL", None: "not measured"}[target.met]
+        print(f"{target.name:36} {target.figure:>9} {target.bound:>12}  {verdict}")
+
+
 def report(project: Figures, baseline: Figures | None, args: argparse.Namespace) -> None:
     bound = project.processes * args.concurrency / (2 * args.latency)
     rows: list[tuple[str, float, float | None, str]] = []
@@ -515,6 +573,7 @@ def report(project: Figures, baseline: Figures | None, args: argparse.Namespace)
         ratio = f"{mine / theirs:.2f}" if theirs else "-"
         theirs_text = fmt.format(theirs) if theirs is not None else "-"
         print(f"{label:34} {fmt.format(mine):>15} {theirs_text:>10} {ratio:>7}")
+    print_targets(targets(project, baseline, args.latency))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The benchmark's own arithmetic: a wrong machine share would misstate what limits scaling."""
 
-from bench.__main__ import machine_shares
+import pytest
+
+from bench.__main__ import Figures, machine_shares, targets
 
 
 def test_machine_shares_count_all_busy_states_and_steal_once() -> None:
@@ -11,3 +13,45 @@ def test_machine_shares_count_all_busy_states_and_steal_once() -> None:
     # deltas: user 300, system 100, idle 400, iowait 20, softirq 20, steal 20 -> total 860
     assert busy == (300 + 100 + 20 + 20) / 860
     assert steal == 20 / 860
+
+
+def _figures(events_per_second: float, cpu: float, light: list[float], rss: float) -> Figures:
+    return Figures(
+        name="x",
+        processes=1,
+        events_per_second=events_per_second,
+        cpu_ms_per_event=cpu,
+        light_latency=light,
+        peak_rss_mb=[rss],
+    )
+
+
+@pytest.mark.parametrize(
+    ("speed", "cpu", "verdicts"),
+    [
+        # events/s and CPU per event of the project, the baseline being 100/s at 4 ms
+        (140, 2.8, [True, True, True, True]),
+        (120, 4.0, [True, True, False, False]),
+        (90, 3.0, [False, True, False, True]),
+        (100, 6.5, [True, False, False, False]),
+    ],
+)
+def test_the_ratio_targets_are_judged_against_the_same_runs_baseline(
+    speed: float, cpu: float, verdicts: list[bool]
+) -> None:
+    baseline = _figures(100, 4.0, [0.1], 50)
+    found = targets(_figures(speed, cpu, [0.1], 50), baseline, latency=0.05)
+    assert [t.met for t in found[:4]] == verdicts
+
+
+def test_latency_and_memory_targets_and_what_a_run_did_not_measure() -> None:
+    light = [0.100] * 60 + [0.150] * 40  # p50 100 ms, p99 150 ms
+    found = {t.name: t.met for t in targets(_figures(1, 1, light, 120), None, latency=0.05)}
+    assert found == {
+        "events/s vs baseline": None,  # --no-baseline: no ratio to judge
+        "CPU/event vs baseline": None,
+        "light-load p50": True,  # <= 2 x 50 + 10 ms
+        "light-load p99": False,  # > 2 x 50 + 40 ms
+        "peak RSS per process": False,  # 120 MB
+        "RSS flat over 20,000 events": None,  # no --backlog
+    }

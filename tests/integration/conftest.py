@@ -120,18 +120,18 @@ def start_worker(
     yield start
     for worker in workers:
         worker.kill()
-    failed = request.node.stash.get(_FAILED, False)
+    failed = request.node.stash.get(TEST_FAILED, False)
     if failed:
         for worker in workers:
             print(f"--- log of {worker.name} ---\n{worker.log()}")
 
 
-_FAILED = pytest.StashKey[bool]()
+TEST_FAILED = pytest.StashKey[bool]()  # set when a test's call failed: print the logs
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.when == "call" and report.failed:
-        item.stash[_FAILED] = True
+        item.stash[TEST_FAILED] = True
     return report

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.support.services import unavailable
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQ_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its Erlang cookie
@@ -214,57 +214,38 @@ class RabbitCluster:
     def node_named(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
 
+    def _list_queues(self, vhost: str, via: Node | None, *columns: str) -> list[list[str]]:
+        """``rabbitmqctl list_queues`` of ``vhost``: one list of columns per queue."""
+        out = self.ctl(
+            via or self.nodes[0], "list_queues", "--vhost", vhost, "--no-table-headers", *columns
+        )
+        return [
+            line.split("\t") for line in out.splitlines() if line.count("\t") == len(columns) - 1
+        ]
+
     def leader(self, queue: str, *, vhost: str = "/", via: Node | None = None) -> Node:
         """The node leading quorum queue ``queue``, as the cluster reports it."""
-        out = self.ctl(
-            via or self.nodes[0],
-            "list_queues",
-            "--vhost",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "leader",
-        )
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == queue:
-                return self.node_named(parts[1])
-        raise LookupError(f"no quorum queue {queue!r} in vhost {vhost!r}:\n{out}")
+        for name, leader in self._list_queues(vhost, via, "name", "leader"):
+            if name == queue:
+                return self.node_named(leader)
+        raise LookupError(f"no quorum queue {queue!r} in vhost {vhost!r}")
 
     def members(self, queue: str, *, vhost: str = "/", via: Node | None = None) -> list[str]:
-        out = self.ctl(
-            via or self.nodes[0],
-            "list_queues",
-            "--vhost",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "members",
-        )
-        for line in out.splitlines():
-            name, _, rest = line.partition("\t")
+        """The nodes holding a replica of quorum queue ``queue``."""
+        for name, members in self._list_queues(vhost, via, "name", "members"):
             if name == queue:
-                return sorted(rest.strip("[] ").replace(" ", "").split(","))
+                return sorted(members.strip("[] ").replace(" ", "").split(","))
         raise LookupError(f"no queue {queue!r} in vhost {vhost!r}")
 
     def queue_counts(self, vhost: str, *, via: Node | None = None) -> dict[str, tuple[int, int]]:
         """Every queue of ``vhost``: (messages ready, messages unacknowledged)."""
-        out = self.ctl(
-            via or self.nodes[0],
-            "list_queues",
-            "--vhost",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        )
-        counts = {}
-        for line in out.splitlines():
-            parts = line.split("\t")
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                counts[parts[0]] = (int(parts[1]), int(parts[2]))
-        return counts
+        return {
+            name: (int(ready), int(unacked))
+            for name, ready, unacked in self._list_queues(
+                vhost, via, "name", "messages_ready", "messages_unacknowledged"
+            )
+            if ready.isdigit() and unacked.isdigit()
+        }
 
     def add_vhost(self, vhost: str) -> None:
         self.ctl(self.nodes[0], "add_vhost", vhost)
@@ -286,9 +267,7 @@ def require_cluster_tools() -> None:
     elif os.geteuid() != 0:
         reason = "a local RabbitMQ cluster needs root (nodes run as the rabbitmq user)"
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(reason)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import NoReturn
 
 import pytest
 
@@ -14,7 +15,11 @@ def require(name: str, host: str, port: int) -> None:
         with socket.create_connection((host, port), timeout=2):
             pass
     except OSError as exc:
-        message = f"{name} is not reachable at {host}:{port}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not reachable at {host}:{port}: {exc}")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """What the tests need is missing: skip locally, fail in CI (``CI`` set)."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)

@@ -853,7 +853,8 @@ class Pipeline:
     # -- bookkeeping -----------------------------------------------------------------------
 
     def _lease(self, run: _Run) -> dict[str, Any]:
-        """What a ledger write needs to renew this run's lease."""
+        """What a ledger write needs to renew this run's lease (and when it began, for
+        ``_lease_uncertain``: a write that raises ends the run, so it is never read)."""
         run.leased_at = self._now()
         return {"owner": run.owner, "now": run.leased_at, "lease_seconds": self._lease_seconds}
 

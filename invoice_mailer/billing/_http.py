@@ -169,12 +169,13 @@ class _DeadlineStream(httpcore.NetworkStream):
 
     A request given up on (a timeout, a dropped link) must not reach the API later:
     a plain close leaves the unacknowledged bytes to the kernel, which retransmits
-    them, then its FIN, for minutes (seen in ``tests/integration/test_cluster.py``:
-    a host cut off for 20 s delivered a POST its worker had given up on after the
-    link came back, when another worker had already looked for that resend in
-    email-info, found none, and sent a second email). With SO_LINGER 0 the kernel
-    drops what it has not delivered: the API got the request before the client
-    gave up, or never. Closes of healthy connections stay graceful.
+    them, then its FIN, for minutes. On a host whose link is down for 20 s, a POST
+    its worker gave up on could then arrive after the link came back, after another
+    host had taken the event over, looked for that resend in email-info, found none
+    and sent its own. With SO_LINGER 0 the kernel drops what it has not delivered:
+    the API got the request before the client gave up, or never. Closes of healthy
+    connections stay graceful (``test_http_transport.py`` tells the two apart by
+    what the server reads: a reset or an end of stream).
     """
 
     def __init__(self, stream: httpcore.NetworkStream) -> None:

@@ -118,20 +118,24 @@ def start_worker(
         return worker
 
     yield start
+    stop_and_report(workers, request)
+
+
+def stop_and_report(workers: list[WorkerProcess], request: pytest.FixtureRequest) -> None:
+    """Kill the test's workers; if the test failed, print the end of each one's log."""
     for worker in workers:
         worker.kill()
-    failed = request.node.stash.get(TEST_FAILED, False)
-    if failed:
+    if request.node.stash.get(_FAILED, False):
         for worker in workers:
             print(f"--- log of {worker.name} ---\n{worker.log()}")
 
 
-TEST_FAILED = pytest.StashKey[bool]()  # set when a test's call failed: print the logs
+_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.when == "call" and report.failed:
-        item.stash[TEST_FAILED] = True
+        item.stash[_FAILED] = True
     return report

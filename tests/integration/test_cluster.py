@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import Sandbox
-from tests.integration.conftest import TEST_FAILED
+from tests.integration.conftest import stop_and_report
 from tests.support.broker import Bus, new_invoice, wait_until
 from tests.support.cluster import Node, RabbitCluster, require_cluster_tools, running_cluster
 from tests.support.gate import TcpGate
@@ -121,11 +121,7 @@ def fleet(
             made.workers.append(worker.start(raw_consumers=index + 1))
         yield made
     finally:
-        for worker in made.workers:
-            worker.kill()
-        if request.node.stash.get(TEST_FAILED, False):
-            for worker in made.workers:
-                print(f"--- log of {worker.name} ---\n{worker.log()}")
+        stop_and_report(made.workers, request)
 
 
 class Timeline:

@@ -179,7 +179,6 @@ class Bus:
         )
         self.received: list[dict[str, Any]] = []
         self.received_messages: list[Any] = []
-        self.arrived: list[float] = []  # monotonic time each message was read
         self._channel = self.conn.channel()
         self._inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._producer = self.conn.Producer(self.conn.channel())
@@ -248,7 +247,6 @@ class Bus:
 
     def _on_message(self, message: Any) -> None:
         self.received_messages.append(message)
-        self.arrived.append(time.monotonic())
         self._inbox.put(json.loads(raw_body(message)))
         message.ack()
 

@@ -74,7 +74,6 @@ class RabbitCluster:
 
     def __init__(self, size: int = 3, *, base_port: int = 5681) -> None:
         self.size = size
-        self.base_port = base_port
         self.root = Path(tempfile.mkdtemp(prefix="invoice-mailer-cluster-"))
         self.nodes = [
             Node(f"imc{i + 1}@localhost", base_port + i, base_port + 20000 + i, self.root / f"n{i}")

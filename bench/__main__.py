@@ -75,7 +75,7 @@ def main() -> None:
         "--concurrency",
         type=int,
         default=48,
-        help="threads per process, both systems (default 48, the worker's default)",
+        help="tasks in flight per process, both systems (default 48, the worker's default)",
     )
     parser.add_argument("--light", type=int, default=100, help="light-load events (10/s)")
     parser.add_argument(
@@ -84,6 +84,12 @@ def main() -> None:
         default=0,
         help="also drain a backlog of this many events (e.g. 20000)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of the two systems, interleaved A B, B A, A B... (default 2: ABBA)",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
 
@@ -91,14 +97,17 @@ def main() -> None:
     with sandbox_process(args.latency) as (api, sandbox_pid):
         others = {"sandbox": sandbox_pid, "RabbitMQ": rabbitmq_pid(), "load generator": os.getpid()}
         for k in args.workers:
-            project = run_system("invoice-mailer", k, args, api, start_project, others)
-            baseline = (
-                None
-                if args.no_baseline
-                else run_system("baseline", k, args, api, start_baseline, others)
-            )
+            runs: dict[str, list[Figures]] = {"invoice-mailer": [], "baseline": []}
+            systems = [("invoice-mailer", start_project)]
+            if not args.no_baseline:
+                systems.append(("baseline", start_baseline))
+            for name, start in interleaved(systems, args.rounds):
+                runs[name].append(run_system(name, k, args, api, start, others))
+            project = combine(runs["invoice-mailer"])
+            baseline = combine(runs["baseline"]) if runs["baseline"] else None
             results.append((project, baseline))
             report(project, baseline, args)
+            print_runs(runs)
     if len(results) > 1:
         one, many = results[0][0], results[-1][0]
         print(
@@ -108,6 +117,53 @@ def main() -> None:
             f"the most the machine allows at the cost per event with {one.processes}: "
             f"{1 / one.machine_busy:.2f}x)"
         )
+
+
+def interleaved(systems: list[Any], rounds: int) -> list[Any]:
+    """A B, then B A, then A B...: drift of the machine over the run (a neighbour, the
+    CPU's clock, the broker's state) falls on both systems alike."""
+    order: list[Any] = []
+    for n in range(max(1, rounds)):
+        order += systems if n % 2 == 0 else systems[::-1]
+    return order
+
+
+def combine(runs: list[Figures]) -> Figures:
+    """One system's runs as one: rates and costs averaged, latencies pooled, RSS kept."""
+    first = runs[0]
+
+    def mean(value: Callable[[Figures], float]) -> float:
+        return statistics.fmean(value(f) for f in runs)
+
+    backlog = [f.backlog_events_per_second for f in runs if f.backlog_events_per_second]
+    return Figures(
+        name=first.name,
+        processes=first.processes,
+        events_per_second=mean(lambda f: f.events_per_second),
+        light_latency=[x for f in runs for x in f.light_latency],
+        burst_latency=[x for f in runs for x in f.burst_latency],
+        cpu_ms_per_event=mean(lambda f: f.cpu_ms_per_event),
+        sys_cpu_ms_per_event=mean(lambda f: f.sys_cpu_ms_per_event),
+        peak_rss_mb=[x for f in runs for x in f.peak_rss_mb],
+        backlog_events_per_second=statistics.fmean(backlog) if backlog else None,
+        others_cpu_ms_per_event={
+            name: statistics.fmean(f.others_cpu_ms_per_event.get(name, 0.0) for f in runs)
+            for name in first.others_cpu_ms_per_event
+        },
+        machine_busy=mean(lambda f: f.machine_busy),
+        machine_steal=mean(lambda f: f.machine_steal),
+        backlog_peak_rss_mb=[x for f in runs for x in f.backlog_peak_rss_mb],
+    )
+
+
+def print_runs(runs: dict[str, list[Figures]]) -> None:
+    """Each run's events/s and CPU per event, in the order they ran."""
+    for name, figures in runs.items():
+        if figures:
+            each = ", ".join(
+                f"{f.events_per_second:.0f}/s {f.cpu_ms_per_event:.2f} ms" for f in figures
+            )
+            print(f"runs of {name}: {each}")
 
 
 # -- the systems ----------------------------------------------------------------------------
@@ -134,7 +190,7 @@ def start_project(
                 "tasks",
                 "worker",
                 "--pool",
-                "threads",
+                "gevent",
                 "--concurrency",
                 str(args.concurrency),
                 "--loglevel",
@@ -561,7 +617,7 @@ def report(project: Figures, baseline: Figures | None, args: argparse.Namespace)
         )
         row(f"backlog {args.backlog}: peak RSS MB", lambda f: max(f.backlog_peak_rss_mb), "{:.0f}")
     print(
-        f"\n== {project.processes} process(es), {args.concurrency} threads each, API latency "
+        f"\n== {project.processes} process(es), {args.concurrency} in flight each, API latency "
         f"{args.latency * 1000:.0f} ms, burst {args.events}, light {args.light} at 10/s =="
     )
     print(

@@ -55,3 +55,22 @@ def test_latency_and_memory_targets_and_what_a_run_did_not_measure() -> None:
         "peak RSS per process": False,  # 120 MB
         "RSS flat over 20,000 events": None,  # no --backlog
     }
+
+
+def test_the_systems_run_interleaved_abba() -> None:
+    from bench.__main__ import interleaved
+
+    assert interleaved(["A", "B"], 2) == ["A", "B", "B", "A"]
+    assert interleaved(["A", "B"], 3) == ["A", "B", "B", "A", "A", "B"]
+    assert interleaved(["A"], 2) == ["A", "A"]
+
+
+def test_runs_combine_into_means_pooled_latencies_and_every_rss() -> None:
+    from bench.__main__ import combine
+
+    one = _figures(100, 4.0, [0.1], 50)
+    two = _figures(200, 6.0, [0.2, 0.3], 70)
+    both = combine([one, two])
+    assert (both.events_per_second, both.cpu_ms_per_event) == (150, 5.0)
+    assert both.light_latency == [0.1, 0.2, 0.3]
+    assert both.peak_rss_mb == [50, 70]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.concurrency.thread import TaskPool as ThreadPool
 from kombu import Consumer
 from kombu.message import Message
@@ -43,7 +44,28 @@ PREFETCH_PER_THREAD = 2
 
 
 class WrongPool(RuntimeError):
-    """The worker runs a pool the pipeline cannot share (it needs threads)."""
+    """The worker runs a pool the pipeline cannot share (it needs gevent or threads)."""
+
+
+def check_pool(pool: Any) -> None:
+    """The pools the pipeline runs on: gevent (the default) and threads.
+
+    prefork would pickle the work into child processes (the HTTP client, ledger and
+    publisher are per process); solo would run it on the event loop. gevent works
+    only patched, and Celery patches only for ``--pool gevent`` on the command line
+    (``celery.__main__.maybe_patch_concurrency``, before anything is imported): the
+    same pool named in the configuration alone would run every socket call blocking
+    the whole process.
+    """
+    if isinstance(pool, GeventPool):
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            raise WrongPool(
+                "the gevent pool needs gevent's patching: give --pool gevent on the command line"
+            )
+    elif not isinstance(pool, ThreadPool):
+        raise WrongPool("invoice-mailer runs on the gevent or threads pool: use --pool gevent")
 
 
 class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
@@ -64,10 +86,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._watch: Any = None
 
     def start(self, c: Any) -> None:
-        if not isinstance(c.pool, ThreadPool):
-            # prefork would pickle the work into child processes (the HTTP client, ledger
-            # and publisher are per process); solo would run it on the event loop.
-            raise WrongPool("invoice-mailer runs on the threads pool: use --pool threads")
+        check_pool(c.pool)
         self._consumer = c
         self._prefetch = PREFETCH_PER_THREAD * c.pool.limit
         try:
@@ -78,11 +97,15 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self.app.runtime.ready = True
         self.app.runtime.watch_health()
         self._paused = False
-        self._watch = c.timer.call_repeatedly(1.0, self._follow_health)
+        # The timer runs its ticks in a greenlet of their own under gevent: the channel
+        # is touched only from the consumer's loop (call_soon), never beside it, where
+        # a cancel's wait for its answer would read the loop's deliveries.
+        self._watch = c.timer.call_repeatedly(1.0, c.call_soon, (self._follow_health,))
 
     def _follow_health(self) -> None:
-        """On the event loop: stop taking raw events while a dependency is unhealthy
-        for the fleet (they wait in the broker, not in this worker), resume after."""
+        """On the consumer's loop: stop taking raw events while a dependency is
+        unhealthy for the fleet (they wait in the broker, not in this worker), resume
+        after."""
         reasons = self.app.runtime.paused_because
         try:
             if reasons and not self._paused:

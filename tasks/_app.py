@@ -93,15 +93,24 @@ def create_app(
         task_default_exchange_type="topic",
         task_default_routing_key=TASK_QUEUE,
         task_create_missing_queues=False,  # a typo in a queue name is a bug, not a new queue
-        # The work is HTTP and broker round-trips: threads share one HTTP pool per
-        # process, need no monkey-patching (unlike gevent) and fork nothing.
+        # The work is HTTP and broker round-trips: the Procfile runs ``--pool gevent``,
+        # whose greenlets share one HTTP pool per process and fork nothing, like threads,
+        # without threads' contention for the interpreter lock (two thirds of the CPU
+        # per event: python -m bench, bench/RESULTS.md). gevent must be named on the
+        # command line, where Celery patches before anything is imported; here it would
+        # run unpatched (Celery warns, the consumer refuses). Without ``--pool`` a worker
+        # runs threads: correct, and slower.
         worker_pool="threads",
-        # At 32 threads a process was bound by its threads (about 140 ms per event, two
-        # API calls of 50 ms included); at 48 by its CPU (python -m bench, README).
+        # Tasks in flight per process: 48 x 2 API calls of 50 ms is 480 events/s, more
+        # than one process's CPU allows (python -m bench, README).
         worker_concurrency=48,
         # Outcomes are events on the bus, not results: no result backend to run.
         task_ignore_result=True,
         result_backend=None,
+        # Celery keeps a backend per thread unless told it is thread-safe; under gevent
+        # that is one per greenlet, rebuilt for every task (3% of the CPU, py-spy).
+        # The disabled backend has no state to share.
+        result_backend_thread_safe=True,
         task_serializer="json",
         accept_content=["json"],
         # Flower shows tasks only when workers send events (first attempts included:
@@ -117,9 +126,13 @@ def create_app(
         worker_soft_shutdown_timeout=20,
         # Our logging configuration stays ours.
         worker_hijack_root_logger=False,
-        # A task still running when the broker connection drops will be redelivered
-        # anyway (late ack); stopping it early avoids two workers racing on it.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A task still running when the broker connection drops goes on: the threads
+        # pool could never stop one, and gevent's stops it by killing its greenlet
+        # wherever it is, between an API's 2xx and the ledger write that records it
+        # included, or holding a ledger connection (seen: every PostgreSQL connection
+        # of a worker lost that way, and the worker stalled). Its redelivered copy
+        # waits for its lease; a takeover never POSTs a resend the ledger holds.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         enable_utc=True,
     )
     # The raw-event consumer, by name: consumers depend on tasks, not the reverse.

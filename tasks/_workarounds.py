@@ -11,17 +11,29 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+from celery import bootsteps
 from celery.exceptions import Retry
+from celery.worker import loops
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer import delayed_delivery
 from kombu.utils.functional import retry_over_time
 from kombu.utils.url import maybe_sanitize_url
 
-__all__ = ["Consumer", "LiveNodeDelayedDelivery", "ReadableRetry"]
+__all__ = [
+    "BufferedTaskEvents",
+    "Consumer",
+    "LiveNodeDelayedDelivery",
+    "ReadableRetry",
+    "glance_at_events_connection",
+]
 
 log = logging.getLogger("invoice_mailer.startup")
 
 CELERY_DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+CELERY_EVENTS = "celery.worker.consumer.events:Events"
+
+# How long a task event may wait in the buffer of a green worker before it is sent.
+EVENT_FLUSH_SECONDS = 0.1
 
 
 class LiveNodeDelayedDelivery(delayed_delivery.DelayedDelivery):  # type: ignore[misc]
@@ -55,6 +67,69 @@ class LiveNodeDelayedDelivery(delayed_delivery.DelayedDelivery):  # type: ignore
             log.warning("could not set up delayed delivery on %s: %s", maybe_sanitize_url(url), exc)
 
 
+class BufferedTaskEvents(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Task events batched on a green pool too, as Celery batches them on its event loop.
+
+    ``Events.start`` (5.7.0) buffers the ``task`` group, sent as one ``task.multi``
+    message that Flower's receiver unpacks, only when the worker has an event loop
+    ("XXX This excludes eventlet/gevent, which should actually buffer."); a gevent
+    worker published each of a task's three events as a message of its own, 12% of
+    its CPU (py-spy under ``python -m bench``). This step, after Celery's (it runs
+    again on every reconnect, with a new dispatcher), has a green worker buffer them
+    too: sent when 24 are waiting (Celery's ``buffer_limit``), every
+    ``EVENT_FLUSH_SECONDS``, and on shutdown.
+    """
+
+    requires = (CELERY_EVENTS,)
+
+    def start(self, c: Any) -> None:
+        dispatcher = c.event_dispatcher
+        if c.hub or dispatcher is None:
+            return  # with an event loop Celery buffers and flushes itself
+        dispatcher.buffer_group = frozenset({"task"})
+        self._cancel_flush()
+        self._flush = c.timer.call_repeatedly(EVENT_FLUSH_SECONDS, self._flush_from, (c,))
+
+    @staticmethod
+    def _flush_from(c: Any) -> None:
+        dispatcher = c.event_dispatcher
+        if dispatcher is not None:
+            try:
+                dispatcher.flush()
+            except Exception:  # best effort, as Celery's: the next tick tries again
+                log.debug("could not flush task events", exc_info=True)
+
+    def _cancel_flush(self) -> None:
+        entry = getattr(self, "_flush", None)
+        if entry is not None:
+            entry.cancel()
+            self._flush = None
+
+    def shutdown(self, c: Any) -> None:
+        self._cancel_flush()
+        self._flush_from(c)
+
+
+def glance_at_events_connection(connection: Any, timeout: float = 0.0) -> None:
+    """Celery's ``_quick_drain``, without the wait: what a green pool's loop runs.
+
+    ``celery.worker.loops.synloop`` (5.7.0), the consumer loop of the gevent pool,
+    drains the task-event connection after every frame it reads, with
+    ``_quick_drain(connection, timeout=0.1)``, so that the broker's heartbeats on it
+    are read. Nothing else ever arrives there: each turn of the loop waited the whole
+    0.1 s, and the worker took one message per turn, 10 events a second, whatever
+    its concurrency (``python -m bench`` with ``--pool gevent``: 9 events/s, one
+    task running at a time). A zero timeout reads what has arrived and returns:
+    py-amqp turns the would-block into ``socket.timeout``, which ``_quick_drain``
+    swallows. The loop came with AMQP heartbeats for green pools (celery/celery#3649,
+    #1511); the wait is not reported upstream that we found.
+    """
+    _celery_quick_drain(connection, timeout=0.0)
+
+
+_celery_quick_drain = loops._quick_drain
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's worker consumer, with its monitoring events published without confirms.
 
@@ -65,8 +140,31 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     buffers and drops them while the broker is away); the publishes that carry work
     (tasks, retries, outgoing events, dead letters) keep their confirms. The method
     is used by the Events bootstep alone. Its blueprint runs ``LiveNodeDelayedDelivery``
-    in place of Celery's delayed-delivery step.
+    in place of Celery's delayed-delivery step, and ``BufferedTaskEvents`` after its
+    events step. Without an event loop (a green pool) it runs Celery's loop with
+    ``glance_at_events_connection``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.loop is loops.synloop:
+            # A module global, read by synloop on every turn: process-wide, as the
+            # worker (one per process) is.
+            loops._quick_drain = self._glance_at_events
+
+    def _glance_at_events(self, connection: Any, timeout: float = 0.0) -> None:
+        """The glance, unless a publisher holds the dispatcher: under gevent the worker
+        heartbeat or a task may be waiting on this connection for an answer (an
+        exchange's declaration after a reconnect), which the loop's read would take
+        from it, leaving it to wait, the dispatcher locked, for a frame that never
+        comes (seen: a worker whose broker closed its connections stalled for good)."""
+        mutex = getattr(self.event_dispatcher, "mutex", None)
+        if mutex is None or not mutex.acquire(blocking=False):
+            return
+        try:
+            glance_at_events_connection(connection)
+        finally:
+            mutex.release()
 
     def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
         return self.ensure_connected(
@@ -81,7 +179,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             if step == CELERY_DELAYED_DELIVERY
             else step
             for step in CeleryConsumer.Blueprint.default_steps
-        ]
+        ] + ["tasks._workarounds:BufferedTaskEvents"]
 
 
 class ReadableRetry(Retry):  # type: ignore[misc]

@@ -107,7 +107,7 @@ def start_worker(
         concurrency: int = 8,
         wait: bool = True,
         app: str = "tasks",
-        pool: str = "threads",
+        pool: str = "gevent",
         **overrides: Any,
     ) -> WorkerProcess:
         worker = WorkerProcess(

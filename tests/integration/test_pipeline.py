@@ -6,6 +6,8 @@ import json
 import sqlite3
 from collections import Counter
 
+import pytest
+
 from invoice_mailer.ledger import open_ledger
 from sandbox import DEFAULT_API_KEY, Sandbox
 from tests.integration.conftest import StartWorker
@@ -90,11 +92,13 @@ def test_plain_application_json_events_are_accepted(start_worker: StartWorker, b
     assert event["data"]["invoiceId"] == invoice
 
 
+@pytest.mark.parametrize("pool", ["gevent", "threads"])
 def test_a_burst_of_200_events_all_come_out_once(
-    start_worker: StartWorker, bus: Bus, sandbox: Sandbox
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, pool: str
 ) -> None:
-    """200 events published at once: 200 resends, 200 events out, none twice."""
-    worker = start_worker(concurrency=16)
+    """200 events published at once: 200 resends, 200 events out, none twice; on the
+    Procfile's gevent pool and on threads (a worker started without ``--pool``)."""
+    worker = start_worker(concurrency=16, pool=pool)
     invoices = [new_invoice() for _ in range(200)]
     for invoice in invoices:
         bus.reissue(invoice)

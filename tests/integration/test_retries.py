@@ -262,8 +262,9 @@ def test_429s_give_up_once_the_total_wait_would_pass_the_limit(
 
 
 def test_a_worker_on_another_pool_refuses_to_start(start_worker: StartWorker) -> None:
-    """First attempts run in the threads pool; a solo or prefork worker stops at start."""
+    """Attempts run in the gevent or threads pool; a solo or prefork worker stops at start."""
     worker = start_worker(wait=False, pool="solo")
     assert worker.proc is not None
     assert worker.proc.wait(timeout=60) != 0
-    assert "invoice-mailer runs on the threads pool: use --pool threads" in worker.whole_log()
+    log = worker.whole_log()
+    assert "invoice-mailer runs on the gevent or threads pool: use --pool gevent" in log

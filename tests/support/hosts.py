@@ -101,6 +101,9 @@ class Hosts:
         for host in self.hosts:
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip("netns", "delete", host.namespace)  # its veth pair goes with it
+            with contextlib.suppress(subprocess.CalledProcessError):
+                # unless a process still ran in it (a run killed half-way): then not
+                _ip("link", "delete", host._outside)
         with contextlib.suppress(subprocess.CalledProcessError):
             _ip("link", "delete", BRIDGE)
 

@@ -54,7 +54,7 @@ class WorkerProcess:
         concurrency: int = 8,
         name: str | None = None,
         app: str = "tasks",
-        pool: str = "threads",
+        pool: str = "gevent",
         prefix: list[str] | None = None,
         host: str = "test",
     ) -> None:

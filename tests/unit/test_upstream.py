@@ -6,7 +6,11 @@ When one fails, the workaround it names may be dropped (and this test with it).
 from __future__ import annotations
 
 import inspect
+import socket
+import subprocess
 import sys
+import threading
+import types
 
 import httpcore
 import httpx
@@ -170,3 +174,148 @@ def test_the_service_consumer_runs_the_live_node_step_instead_of_celerys() -> No
     assert CELERY_DELAYED_DELIVERY not in steps
     assert "tasks._workarounds:LiveNodeDelayedDelivery" in steps
     assert LiveNodeDelayedDelivery.name != "celery.worker.consumer.delayed_delivery.DelayedDelivery"
+
+
+def test_celerys_green_loop_waits_on_the_task_event_connection_every_turn() -> None:
+    """synloop drains the task-event connection after each frame with a 0.1 s wait
+    (``tasks._workarounds.glance_at_events_connection`` makes it a glance)."""
+    from celery.worker import loops
+
+    from tasks._workarounds import _celery_quick_drain
+
+    assert inspect.signature(_celery_quick_drain).parameters["timeout"].default == 0.1
+    assert "_quick_drain(obj.event_dispatcher.connection)" in inspect.getsource(loops.synloop)
+
+
+def test_the_green_loop_glances_without_waiting() -> None:
+    """The worker's consumer puts the glance in synloop's place; given a connection
+    with nothing to read, it returns at once instead of after 0.1 s."""
+    from celery.worker import loops
+
+    from tasks._workarounds import Consumer, glance_at_events_connection
+
+    waited: list[float | None] = []
+
+    class Idle:
+        def drain_events(self, timeout: float | None = None) -> None:
+            waited.append(timeout)
+            raise TimeoutError
+
+    glance_at_events_connection(Idle())
+    assert waited == [0.0]
+    app = Celery(broker="memory://", set_as_current=False)
+    try:
+        before = loops._quick_drain
+        controller = types.SimpleNamespace(use_eventloop=False, pool=None, state=None)
+        consumer = Consumer(
+            lambda *a, **k: None, app=app, hub=None, controller=controller, timer=None
+        )
+        assert loops._quick_drain == consumer._glance_at_events
+        # The loop leaves the connection alone while a publisher holds the dispatcher.
+        consumer.event_dispatcher = types.SimpleNamespace(mutex=threading.Lock())
+        waited.clear()
+        with consumer.event_dispatcher.mutex:
+            loops._quick_drain(Idle())
+        assert waited == []
+        loops._quick_drain(Idle())
+        assert waited == [0.0]
+    finally:
+        loops._quick_drain = before
+        app.close()
+
+
+def test_httpcore_polls_every_pooled_connection_with_selects_poll() -> None:
+    """``is_readable`` goes to ``select.poll()``, gevent's once patched: what
+    ``invoice_mailer.billing._http._is_readable`` answers with the unpatched one."""
+    from httpcore._backends.sync import SyncStream
+    from httpcore._utils import is_socket_readable
+
+    assert "is_socket_readable(self._sock)" in inspect.getsource(SyncStream.get_extra_info)
+    assert "p = select.poll()" in inspect.getsource(is_socket_readable)
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import select\n"
+        "from invoice_mailer.billing._http import _unpatched_poll\n"
+        "original = monkey.get_original('select', 'poll')\n"
+        "print(select.poll is not original, _unpatched_poll() is original)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_a_pooled_connection_reads_readable_once_the_server_closed_it() -> None:
+    """The answer httpcore needs from ``is_readable``: idle is not, closed is."""
+    from httpcore._backends.sync import SyncStream
+
+    from invoice_mailer.billing._http import _DeadlineStream
+
+    ours, theirs = socket.socketpair()
+    stream = _DeadlineStream(SyncStream(ours))
+    try:
+        assert stream.get_extra_info("is_readable") is False
+        theirs.close()
+        assert stream.get_extra_info("is_readable") is True
+    finally:
+        ours.close()
+
+
+def test_celery_buffers_task_events_only_with_an_event_loop() -> None:
+    """``Events.start`` batches the task group only when the worker has a hub: what
+    ``tasks._workarounds.BufferedTaskEvents`` does for a green worker too."""
+    from celery.worker.consumer.events import Events
+
+    assert "buffer_group=['task'] if c.hub else None" in inspect.getsource(Events.start)
+
+
+def test_a_green_worker_sends_its_task_events_batched() -> None:
+    """Three task events wait in the buffer and leave as one ``task.multi`` message."""
+    from celery.worker.consumer.events import Events
+    from kombu import Exchange, Queue
+
+    from tasks._workarounds import CELERY_EVENTS, BufferedTaskEvents, Consumer
+
+    assert CELERY_EVENTS in Consumer.Blueprint.default_steps
+    assert "tasks._workarounds:BufferedTaskEvents" in Consumer.Blueprint.default_steps
+
+    app = Celery(broker="memory://", set_as_current=False)
+    scheduled: list[tuple[float, object]] = []
+    timer = types.SimpleNamespace(
+        call_repeatedly=lambda secs, fun, args: (
+            scheduled.append((secs, fun)) or types.SimpleNamespace(cancel=lambda: None)
+        )
+    )
+    try:
+        with app.connection_for_write() as watch:
+            queue = Queue("watch", Exchange("celeryev", "topic"), "task.#")
+            queue(watch.default_channel).declare()
+            c = types.SimpleNamespace(
+                app=app,
+                hub=None,
+                hostname="w@test",
+                amqheartbeat=0,
+                event_dispatcher=None,
+                timer=timer,
+                connection_for_write=lambda heartbeat=None: app.connection_for_write(),
+            )
+            Events(c).start(c)
+            step = BufferedTaskEvents(c)
+            step.start(c)
+            for kind in ("task-received", "task-started", "task-succeeded"):
+                c.event_dispatcher.send(kind, uuid="t1")
+            assert queue(watch.default_channel).get() is None  # still buffered
+            [(seconds, flush)] = scheduled
+            assert seconds == 0.1
+            flush(c)  # type: ignore[operator]
+            message = queue(watch.default_channel).get()
+            assert message is not None
+            assert message.delivery_info["routing_key"] == "task.multi"
+            assert [e["type"] for e in message.decode()] == [
+                "task-received",
+                "task-started",
+                "task-succeeded",
+            ]
+            step.shutdown(c)
+    finally:
+        app.close()

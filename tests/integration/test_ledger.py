@@ -349,13 +349,20 @@ def test_a_run_that_lost_its_lease_still_records_its_resend(ledger: Ledger) -> N
     assert (record.resend, record.resend_in_flight, record.lease_owner) == (RESULT, False, "b")
 
 
-def test_sqlite_an_error_answers_its_caller_and_the_writer_goes_on(tmp_path: Path) -> None:
-    """Statements run on the ledger's writer thread: an error is its caller's alone."""
-    ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"))
+@pytest.mark.parametrize("inline", [False, True], ids=["writer thread", "inline"])
+def test_sqlite_an_error_answers_its_caller_and_the_writer_goes_on(
+    tmp_path: Path, inline: bool
+) -> None:
+    """Statements run on the ledger's writer thread (inline among gevent's greenlets):
+    an error is its caller's alone, a broken constraint is InvoiceBusy."""
+    ledger = SqliteLedger(str(tmp_path / "ledger.sqlite3"), inline=inline)
     try:
         with pytest.raises(LedgerError, match="no_such_table"):
             ledger._execute("INSERT INTO no_such_table VALUES (:v)", {"v": 1})
         assert isinstance(_claim(ledger, "a"), Claimed)
+        assert isinstance(_claim(ledger, "b", key=OTHER), Claimed)  # inv_1 too
+        with pytest.raises(InvoiceBusy):  # two events of inv_1 holding its one slot
+            ledger._execute("UPDATE invoice_mailer_ledger SET holds_invoice = :one", {"one": 1})
     finally:
         ledger.close()
     with pytest.raises(LedgerError, match="closed"):

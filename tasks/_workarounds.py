@@ -122,7 +122,7 @@ def glance_at_events_connection(connection: Any, timeout: float = 0.0) -> None:
     task running at a time). A zero timeout reads what has arrived and returns:
     py-amqp turns the would-block into ``socket.timeout``, which ``_quick_drain``
     swallows. The loop came with AMQP heartbeats for green pools (celery/celery#3649,
-    #1511); the wait is not reported upstream that we found.
+    celery/celery#1511); the wait is not reported upstream that we found.
     """
     _celery_quick_drain(connection, timeout=0.0)
 
@@ -157,7 +157,9 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         heartbeat or a task may be waiting on this connection for an answer (an
         exchange's declaration after a reconnect), which the loop's read would take
         from it, leaving it to wait, the dispatcher locked, for a frame that never
-        comes (seen: a worker whose broker closed its connections stalled for good)."""
+        comes. Seen in a greenlet dump of a worker whose broker had closed its
+        connections: the heartbeat waiting so, every task waiting to send its events,
+        the loop waiting for a free slot of the pool."""
         mutex = getattr(self.event_dispatcher, "mutex", None)
         if mutex is None or not mutex.acquire(blocking=False):
             return

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from celery.concurrency.gevent import TaskPool as GeventPool
 from celery.concurrency.prefork import TaskPool as PreforkPool
@@ -12,6 +9,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadPool
 
 from consumers._reissued import WrongPool, check_pool
+from tests.support.patched import run_under_gevent
 
 
 def test_the_threads_pool_is_accepted() -> None:
@@ -32,14 +30,10 @@ def test_an_unpatched_gevent_pool_is_refused() -> None:
 
 def test_a_patched_gevent_pool_is_accepted() -> None:
     """As ``celery --pool gevent`` runs it: patched before anything else is imported."""
-    code = (
-        "from gevent import monkey; monkey.patch_all()\n"
+    done = run_under_gevent(
         "from celery.concurrency.gevent import TaskPool\n"
         "from consumers._reissued import check_pool\n"
         "check_pool(TaskPool(limit=1)); print('accepted')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "accepted"

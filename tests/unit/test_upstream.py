@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import socket
-import subprocess
 import sys
 import threading
 import types
@@ -23,6 +22,7 @@ from kombu import Connection, Producer
 from kombu.pools import ProducerPool, connections
 
 from tasks._workarounds import ReadableRetry
+from tests.support.patched import run_under_gevent
 
 
 def _einfo_of(retry: Retry) -> ExceptionInfo:
@@ -232,15 +232,11 @@ def test_httpcore_polls_every_pooled_connection_with_selects_poll() -> None:
 
     assert "is_socket_readable(self._sock)" in inspect.getsource(SyncStream.get_extra_info)
     assert "p = select.poll()" in inspect.getsource(is_socket_readable)
-    code = (
-        "from gevent import monkey; monkey.patch_all()\n"
+    done = run_under_gevent(
         "import select\n"
         "from invoice_mailer.billing._http import _unpatched_poll\n"
         "original = monkey.get_original('select', 'poll')\n"
         "print(select.poll is not original, _unpatched_poll() is original)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.stdout.split() == ["True", "True"], done.stderr
 

@@ -147,10 +147,32 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._link: Any = None  # the AMQP connection the consumers were set up on
         if self.loop is loops.synloop:
             # A module global, read by synloop on every turn: process-wide, as the
             # worker (one per process) is.
             loops._quick_drain = self._glance_at_events
+
+    def connect(self) -> Any:
+        conn = super().connect()
+        self._link = conn.connection
+        return conn
+
+    def check_link(self) -> None:
+        """Raise if the consuming connection is gone or was replaced under the loop.
+
+        On a green pool a task acks from its own greenlet (``call_soon_ack``); when
+        that ack finds the connection broken, py-amqp collects it, and kombu's
+        ``Connection.drain_events`` then quietly connects anew (its ``connection``
+        property reconnects, to the next URL of a failover list) and the loop goes on
+        draining a connection with no consumer on it: no error, so Celery never
+        restarts its consumer (seen: a worker whose node stopped consumed nothing
+        more, for good). Raising here, on the loop, is the connection loss Celery
+        handles: its consumer restarts, with every step, on the new connection.
+        """
+        link, current = self._link, getattr(self.connection, "_connection", None)
+        if link is not None and (current is not link or not link.connected):
+            raise ConnectionResetError("the consuming connection was lost under the loop")
 
     def _glance_at_events(self, connection: Any, timeout: float = 0.0) -> None:
         """The glance, unless a publisher holds the dispatcher: under gevent the worker
@@ -160,6 +182,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         comes. Seen in a greenlet dump of a worker whose broker had closed its
         connections: the heartbeat waiting so, every task waiting to send its events,
         the loop waiting for a free slot of the pool."""
+        self.check_link()
         mutex = getattr(self.event_dispatcher, "mutex", None)
         if mutex is None or not mutex.acquire(blocking=False):
             return

@@ -13,6 +13,7 @@ import types
 
 import httpcore
 import httpx
+import pytest
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import Celery
 from celery.exceptions import Retry
@@ -219,6 +220,18 @@ def test_the_green_loop_glances_without_waiting() -> None:
         assert waited == []
         loops._quick_drain(Idle())
         assert waited == [0.0]
+        # The consuming connection, collected or replaced under the loop, is a loss.
+        link = types.SimpleNamespace(connected=True)
+        consumer._link = link
+        consumer.connection = types.SimpleNamespace(_connection=link)
+        loops._quick_drain(Idle())
+        link.connected = False
+        with pytest.raises(ConnectionResetError):
+            loops._quick_drain(Idle())
+        consumer.connection = types.SimpleNamespace(_connection=object())
+        link.connected = True
+        with pytest.raises(ConnectionResetError):
+            loops._quick_drain(Idle())
     finally:
         loops._quick_drain = before
         app.close()

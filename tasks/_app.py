@@ -16,7 +16,6 @@ from tasks._logging import set_format as set_log_format
 from tasks._metrics import IN_FLIGHT, forget_process
 from tasks._queues import TASK_DELIVERY_LIMIT, TASK_QUEUE
 from tasks._runtime import Runtime
-from tasks._sentry import init_sentry
 
 __all__ = ["TASK_QUEUE", "InvoiceMailerCelery", "create_app"]
 
@@ -32,7 +31,10 @@ def create_app(
     settings: Settings, *, main: str = "invoice_mailer", checkpoint: Checkpoint | None = None
 ) -> InvoiceMailerCelery:
     """The app; ``checkpoint`` observes the pipeline's progress (tests crash it there)."""
-    init_sentry(settings)
+    if settings.sentry_dsn is not None:  # sentry-sdk is 5 MB of a worker's memory
+        from tasks._sentry import init_sentry
+
+        init_sentry(settings)
     set_log_format(settings.log_format)
     app = InvoiceMailerCelery(main, set_as_current=False)
     app.settings = settings

@@ -13,7 +13,6 @@ from typing import Any
 
 from invoice_mailer.ledger._base import InvoiceBusy, LedgerError
 from invoice_mailer.ledger._sql import Run, SqlLedger
-from invoice_mailer.ledger._statements import for_sqlite
 
 __all__ = ["SqliteLedger"]
 
@@ -54,7 +53,9 @@ def _outcome(rows: list[dict[str, Any]], error: sqlite3.Error | None) -> list[di
     return rows
 
 
-def _run(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+def _run(
+    conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] | dict[str, Any]
+) -> list[dict[str, Any]]:
     return [dict(row) for row in conn.execute(sql, params).fetchall()]
 
 
@@ -89,7 +90,9 @@ class SqliteLedger(SqlLedger):
     Among greenlets (``inline``, the default under gevent's patching) none of that
     applies: a statement runs in its caller, under a lock no greenlet waits on for
     long, since an SQLite call never yields; the hop to a writer greenlet and back
-    cost two switches through the hub per statement.
+    cost two switches through the hub per statement. With no other thread to win
+    the GIL back from, SQLite binds the ``:name`` parameters itself, and the
+    compiler (SQLAlchemy, 12 MB of a worker's memory) is never imported.
     """
 
     def __init__(self, path: str, *, inline: bool | None = None) -> None:
@@ -101,13 +104,12 @@ class SqliteLedger(SqlLedger):
                 raise LedgerError(f"cannot open SQLite ledger {path!r}: {exc}") from exc
         self._conn = self._connect()
         self._migrate()
-        self._inline = _greenlets() if inline is None else inline
         self._inline_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Statement | None] = queue.SimpleQueue()
         self._closing = threading.Lock()
         self._closed = False
-        self._writer: threading.Thread | None = None
-        if not self._inline:
+        self._writer: threading.Thread | None = None  # None: statements run inline
+        if not (_greenlets() if inline is None else inline):
             self._writer = threading.Thread(
                 target=self._write_loop, name="ledger-writer", daemon=True
             )
@@ -133,18 +135,19 @@ class SqliteLedger(SqlLedger):
     def _execute(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         if self._closed:
             raise LedgerError("SQLite ledger: closed")
-        sql, names = for_sqlite(sql)
-        args = tuple(params[name] for name in names)
-        if self._inline:
+        if self._writer is None:
             with self._inline_lock:
                 if self._closed:
                     raise LedgerError("SQLite ledger: closed")
                 try:
-                    rows = _run(self._conn, sql, args)
+                    rows = _run(self._conn, sql, params)
                 except sqlite3.Error as exc:
                     return _outcome([], exc)
             return rows
-        statement = _Statement(sql, args)
+        from invoice_mailer.ledger._statements import for_sqlite  # threads only
+
+        sql, names = for_sqlite(sql)
+        statement = _Statement(sql, tuple(params[name] for name in names))
         self._queue.put(statement)
         return statement.wait()
 
@@ -176,8 +179,7 @@ class SqliteLedger(SqlLedger):
         conn = self._conn
 
         def run(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-            text, names = for_sqlite(sql)
-            return [dict(r) for r in conn.execute(text, [params[n] for n in names]).fetchall()]
+            return _run(conn, sql, params)  # no other thread yet: SQLite binds the names
 
         try:
             conn.execute("BEGIN IMMEDIATE")

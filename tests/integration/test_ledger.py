@@ -21,6 +21,7 @@ from invoice_mailer.ledger import (
 )
 from invoice_mailer.ledger._sqlite import SqliteLedger
 from invoice_mailer.ledger._statements import for_psycopg, for_sqlite
+from tests.support.postgres import fresh_database, require_postgres
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
@@ -28,9 +29,38 @@ LEASE = 30.0
 RESULT = ResendResult(queued_at="2026-11-21T10:00:00.000Z", email="billing@example.com")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """SQLite's two ways of running statements (its writer thread, for the threads pool;
+    inline, as among gevent's greenlets, binding ``:name`` itself) each get the whole
+    contract; PostgreSQL has one way."""
+    if "ledger" in metafunc.fixturenames:
+        cases = [("sqlite", False), ("sqlite", True), ("postgresql", False)]
+        ids = ["sqlite-writer", "sqlite-inline", "postgresql"]
+        metafunc.parametrize(
+            "any_ledger_url, sqlite_inline", cases, ids=ids, indirect=["any_ledger_url"]
+        )
+    elif "any_ledger_url" in metafunc.fixturenames:
+        metafunc.parametrize("any_ledger_url", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def ledger(any_ledger_url: str) -> Iterator[Ledger]:
-    ledger = open_ledger(any_ledger_url)
+def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """As conftest's, parametrized here with SQLite's mode (``pytest_generate_tests``)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
+        return
+    require_postgres()
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def ledger(any_ledger_url: str, sqlite_inline: bool) -> Iterator[Ledger]:
+    if any_ledger_url.startswith("sqlite:///"):
+        path = any_ledger_url.removeprefix("sqlite:///")
+        ledger: Ledger = SqliteLedger(path, inline=sqlite_inline)
+    else:
+        ledger = open_ledger(any_ledger_url)
     yield ledger
     ledger.close()
 

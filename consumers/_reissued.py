@@ -71,10 +71,17 @@ def check_pool(pool: Any) -> None:
 class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     """Consumes the durable ``invoice-mailer.reissued`` queue inside the worker."""
 
-    # The task strategies must exist before the first raw event is handed to one.
+    # The task strategies must exist before the first raw event is handed to one, and
+    # the delay queues before its first retry. Last of the consumer's steps: an event
+    # taken before the others start waits for them (the delay queues' declaration,
+    # 28 exchanges and queues, took 250 ms).
     requires = (
         "celery.worker.consumer.connection:Connection",
         "celery.worker.consumer.tasks:Tasks",
+        "tasks._startup:DelayedDeliveryCheck",
+        "tasks._workarounds:BufferedTaskEvents",
+        "celery.worker.consumer.control:Control",
+        "celery.worker.consumer.heart:Heart",
     )
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
@@ -93,6 +100,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             self.app.settings.topology().declare(c.connection)
         except TopologyMismatch as exc:
             exit_config(SettingsError(str(exc)))
+        self.app.runtime.warm()  # before the first event can arrive
         super().start(c)
         self.app.runtime.ready = True
         self.app.runtime.watch_health()

@@ -110,17 +110,32 @@ class Runtime:
             return []
         return self._pipeline.unhealthy()
 
+    def warm(self) -> None:
+        """Build the runtime now, as the worker starts, so that no event waits for it:
+        the ledger opened and migrated, the HTTP client and the publisher's connection
+        made. A ledger that cannot be opened is left to the health watch, which pauses
+        intake and retries; anything else to the first event, which tries again."""
+        try:
+            self._ensure()
+        except LedgerError:
+            pass
+        except Exception as exc:
+            # The class only: a driver's message may quote the URL it failed to reach.
+            log.warning(
+                "could not prepare at start (%s); the first event tries again", type(exc).__name__
+            )
+
     def watch_health(self, every: float = 1.0) -> None:
         """Keep ``paused_because`` current from a thread of its own: the consumer reads
-        it on the event loop, which must never wait on the ledger's database. It also
-        retries opening a ledger that could not be opened, since with intake paused no
-        event may come to do it."""
+        it on the event loop, which must never wait on the ledger's database.
+
+        Each turn also retries opening a ledger that could not be opened, since with
+        intake paused no event may come to do it."""
 
         def loop() -> None:
-            while not self._stop_watch.wait(every):
+            while True:
                 try:
-                    if self._ledger_failed is not None or self._pipeline is not None:
-                        self._ensure()
+                    self._ensure()
                     self._settle_blocked()
                     self.paused_because = self.unhealthy()
                     if self._pipeline is not None:
@@ -133,6 +148,8 @@ class Runtime:
                     self.paused_because = [f"ledger: {exc}"]
                 except Exception:
                     log.exception("health watch failed; trying again")
+                if self._stop_watch.wait(every):
+                    return
 
         if self._watcher is None or not self._watcher.is_alive():
             self._stop_watch.clear()

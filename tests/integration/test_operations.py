@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -335,3 +337,30 @@ def test_a_dead_letter_queue_of_another_type_stops_the_worker_naming_the_setting
     assert "'invoice-mailer.dead-letter'" in told[0]
     assert "DEAD_LETTER_QUEUE_TYPE" in told[0]
     assert "Traceback" not in worker.whole_log()
+
+
+def test_a_worker_takes_raw_events_only_once_it_is_prepared(
+    start_worker: StartWorker, broker_url: str, ledger_url: str
+) -> None:
+    """The first events after start wait for nothing: the moment the raw-event queue has
+    the worker as its consumer, the delay queues its retries need are declared and its
+    ledger is open and migrated (issue 23: light-load latency from the first event)."""
+    from kombu import Connection
+
+    from tests.support.worker import _raw_consumers
+
+    worker = start_worker(wait=False)
+    with Connection(broker_url) as conn:
+
+        def consuming() -> bool:
+            assert worker.proc is not None
+            assert worker.proc.poll() is None, worker.log()
+            return _raw_consumers(conn) > 0
+
+        wait_until(consuming, timeout=60, what="the raw-event consumer")
+        with conn.channel() as channel:  # passive: fails if it is not there
+            channel.queue_declare("celery_delayed_27", passive=True)
+    ledger = Path(ledger_url.removeprefix("sqlite:///"))
+    with contextlib.closing(sqlite3.connect(ledger)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert "invoice_mailer_ledger" in tables

@@ -110,11 +110,18 @@ class Runtime:
             return []
         return self._pipeline.unhealthy()
 
-    def warm(self) -> None:
+    def warm(self, wait: float = 2.0) -> None:
         """Build the runtime now, as the worker starts, so that no event waits for it:
         the ledger opened and migrated, the HTTP client and the publisher's connection
-        made. A ledger that cannot be opened is left to the health watch, which pauses
-        intake and retries; anything else to the first event, which tries again."""
+        made. The start waits for it ``wait`` seconds at most: a PostgreSQL that does
+        not answer holds a connect for 10 s, and the consumer's connection must not go
+        unserved that long. A ledger that cannot be opened is left to the health watch,
+        which pauses intake and retries; anything else to the first event."""
+        builder = threading.Thread(target=self._warm, name="runtime-warm", daemon=True)
+        builder.start()
+        builder.join(wait)
+
+    def _warm(self) -> None:
         try:
             self._ensure()
         except LedgerError:
@@ -127,15 +134,15 @@ class Runtime:
 
     def watch_health(self, every: float = 1.0) -> None:
         """Keep ``paused_because`` current from a thread of its own: the consumer reads
-        it on the event loop, which must never wait on the ledger's database.
-
-        Each turn also retries opening a ledger that could not be opened, since with
-        intake paused no event may come to do it."""
+        it on the event loop, which must never wait on the ledger's database. It also
+        retries opening a ledger that could not be opened, since with intake paused no
+        event may come to do it."""
 
         def loop() -> None:
-            while True:
+            while True:  # the first turn at once: a ledger down at start pauses intake now
                 try:
-                    self._ensure()
+                    if self._ledger_failed is not None or self._pipeline is not None:
+                        self._ensure()
                     self._settle_blocked()
                     self.paused_because = self.unhealthy()
                     if self._pipeline is not None:

@@ -118,6 +118,12 @@ class EventPublisher:
         )
         return cls(connection, topology, pool_size=pool_size)
 
+    def warm(self) -> None:
+        """Open a producer's connection and channel now, not at the first publish (kombu
+        connects a producer lazily: the AMQP handshake would fall on an event)."""
+        with self._producer() as producer:
+            producer.channel  # noqa: B018 -- the property opens the channel it promises
+
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
         """What the transport raises when the broker cannot be reached."""

@@ -124,6 +124,8 @@ class Runtime:
     def _warm(self) -> None:
         try:
             self._ensure()
+            assert self._publisher is not None
+            self._publisher.warm()
         except LedgerError:
             pass
         except Exception as exc:

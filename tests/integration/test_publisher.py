@@ -25,6 +25,20 @@ def test_a_closed_publisher_refuses_to_publish_and_does_not_reconnect(
     assert refused.value.reason is PublishFailure.CLOSED
 
 
+def test_warm_opens_the_connection_the_first_publish_then_uses(broker_url: str, bus: Bus) -> None:
+    """Prepared at start: the AMQP handshake is not the first event's to wait for."""
+    publisher = EventPublisher.connect(broker_url, Topology())
+    try:
+        publisher.warm()
+        [producer] = publisher._producers
+        assert producer.connection.connected
+        publisher.publish_event({"id": "e1"}, EMAIL_QUEUED)
+        assert publisher._producers == [producer]
+    finally:
+        publisher.close()
+    assert [e["id"] for e in bus.wait_for(1)] == ["e1"]
+
+
 def test_a_publish_nobody_is_bound_to_is_unroutable(broker_url: str) -> None:
     """Confirmed is not routed: with no queue bound to the key, the reason says so."""
     Bus(broker_url, listen=False).close()  # the events exchange exists, nothing is bound

@@ -97,6 +97,12 @@ def main() -> None:
     )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
+        "--baseline-queue-type",
+        choices=["classic", "quorum"],
+        default="classic",
+        help="the baseline's source queue (invoice-mailer's is a quorum queue)",
+    )
+    parser.add_argument(
         "--loglevel", default="INFO", help="invoice-mailer's log level (DEBUG: every step timed)"
     )
     parser.add_argument("--logs", type=Path, help="copy each run's worker logs into this directory")
@@ -233,6 +239,8 @@ def start_baseline(
                 DEFAULT_API_KEY,
                 "--threads",
                 str(args.concurrency),
+                "--queue-type",
+                args.baseline_queue_type,
             ],
             stdout=(workdir / f"baseline{n}.log").open("wb"),
             stderr=subprocess.STDOUT,

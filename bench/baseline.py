@@ -31,10 +31,22 @@ def main() -> None:
     parser.add_argument("api")
     parser.add_argument("key")
     parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument(
+        "--queue-type",
+        choices=["classic", "quorum"],
+        default="classic",
+        help="its source queue's type (invoice-mailer's raw-event queue is a quorum queue)",
+    )
     args = parser.parse_args()
 
     exchange = Exchange("billing.events", "topic", durable=True)
-    source = Queue(QUEUE, exchange, routing_key="invoice.reissued", durable=True)
+    source = Queue(
+        QUEUE,
+        exchange,
+        routing_key="invoice.reissued",
+        durable=True,
+        queue_arguments={"x-queue-type": args.queue_type},
+    )
     http = httpx.Client(
         timeout=10,
         limits=httpx.Limits(max_connections=args.threads, max_keepalive_connections=args.threads),

@@ -22,6 +22,7 @@ def _figures(events_per_second: float, cpu: float, light: list[float], rss: floa
         events_per_second=events_per_second,
         cpu_ms_per_event=cpu,
         light_latency=light,
+        first_latency=light[:1],
         peak_rss_mb=[rss],
     )
 
@@ -73,4 +74,5 @@ def test_runs_combine_into_means_pooled_latencies_and_every_rss() -> None:
     both = combine([one, two])
     assert (both.events_per_second, both.cpu_ms_per_event) == (150, 5.0)
     assert both.light_latency == [0.1, 0.2, 0.3]
+    assert both.first_latency == [0.1, 0.2]  # each run's first event after start
     assert both.peak_rss_mb == [50, 70]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,21 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each ledger backend in turn, fresh (SQLite in a directory that does not exist yet)."""
-    if request.param == "sqlite":
+@contextmanager
+def fresh_ledger_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh ledger of ``backend`` (SQLite in a directory that does not exist yet)."""
+    if backend == "sqlite":
         yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
         return
     require_postgres()
     with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each ledger backend in turn, fresh."""
+    with fresh_ledger_url(request.param, tmp_path) as url:
         yield url
 
 

@@ -21,7 +21,7 @@ from invoice_mailer.ledger import (
 )
 from invoice_mailer.ledger._sqlite import SqliteLedger
 from invoice_mailer.ledger._statements import for_psycopg, for_sqlite
-from tests.support.postgres import fresh_database, require_postgres
+from tests.integration.conftest import fresh_ledger_url
 
 KEY = ("/billing", "evt_1")
 T0 = 1_800_000_000.0
@@ -46,11 +46,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def any_ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """As conftest's, parametrized here with SQLite's mode (``pytest_generate_tests``)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/nested/dir/ledger.sqlite3"
-        return
-    require_postgres()
-    with fresh_database() as url:
+    with fresh_ledger_url(request.param, tmp_path) as url:
         yield url
 
 

@@ -1,7 +1,8 @@
 """Per-process resources: one HTTP client, one publisher, one pipeline.
 
-Built on first use in the process that uses them (after any fork), closed at
-worker shutdown. Nothing here exists at import time.
+Built as the worker starts (``Runtime.warm``, before its first raw event), or on
+first use in the process that uses them (after any fork), closed at worker
+shutdown. Nothing here exists at import time.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LEDGER_REOPEN_SECONDS = 2.0
 
 
 class Runtime:
-    """Lazily built, per-process, thread-safe holder of the worker's resources."""
+    """Per-process, thread-safe holder of the worker's resources, built once per process."""
 
     def __init__(
         self,

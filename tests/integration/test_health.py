@@ -234,4 +234,9 @@ def test_a_wave_parked_by_one_retry_after_comes_back_at_the_budget_not_at_once(
     )
     assert {e["type"] for e in events} == {"invoice.email_queued"}
     assert early == []
-    assert peak <= budget
+    # Spread at the budget: over the whole wave, and in any one second. The fleet keeps
+    # to 19/s (HEADROOM), slots 52.6 ms apart; a sliding second, stricter than the API's
+    # fixed ones, holds one more when one departure is late by a slot (a CI run saw 21
+    # once in many). A wave would put 16 requests (the concurrency) in one instant.
+    assert len(requests) / (requests[-1] - requests[0]) <= budget
+    assert peak <= budget + 1

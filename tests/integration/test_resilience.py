@@ -136,6 +136,64 @@ def test_a_broker_restart_mid_burst_loses_and_doubles_nothing(
     assert "Connection to broker lost" in log or "Cannot connect" in log  # it really went away
 
 
+def test_lost_answers_parked_across_a_broker_restart_with_the_api_clock_behind(
+    start_worker: StartWorker, broker_url: str, sandbox: Sandbox, ledger_url: str
+) -> None:
+    """Interleaved: the API's clock a quarter second behind ours, every invoice reissued
+    twice, the second resend's answer lost for a third of them, and the broker stopped
+    while those events' retries wait in it. After the restart each such retry looks for
+    its email in email-info, judged in the API's clock beside the first reissue's email
+    a moment older, and finds it: no blind second resend, two emails per invoice, and
+    each outgoing event carries its own reissue's email."""
+    bus = Bus(broker_url, capture="test.capture.durable")  # survives the restart
+    sandbox.configure(clock_offset=-0.25, latency=0.05)
+    worker = start_worker(
+        concurrency=8,
+        **{**QUICK, "RETRY_SERVER_ERROR_BASE_SECONDS": "3", "EMAIL_INFO_LAG_SECONDS": "0"},
+    )
+    invoices = [new_invoice() for _ in range(30)]
+    first = {invoice: bus.reissue(invoice)["id"] for invoice in invoices}
+    _wait_published(ledger_url, len(invoices), timeout=60)
+    lost = invoices[::3]
+    for invoice in lost:
+        sandbox.script(invoice, "resend", [Fault(status=None, then_succeed=True, drop=True)])
+    second = {invoice: bus.reissue(invoice)["id"] for invoice in invoices}
+    wait_until(
+        lambda: bus.delayed_messages() >= len(lost),
+        timeout=60,
+        what="every lost resend's retry parked in the broker",
+    )
+    assert all(len(sandbox.requests(invoice=i, endpoint="resend")) == 2 for i in lost)
+    before = bus.all_received()
+    bus.close()
+
+    restart_rabbitmq()
+
+    _wait_published(ledger_url, 2 * len(invoices), timeout=240)
+    worker.stop()
+    after = Bus(broker_url, capture="test.capture.durable")
+    try:
+        events = before + after.drain()
+    finally:
+        after.close()
+    queued = {
+        (e["data"]["invoiceId"], e["data"]["reissuedEvent"]["id"]): e
+        for e in events
+        if e["type"] == "invoice.email_queued"
+    }
+    assert len(queued) == 2 * len(invoices)
+    for invoice in invoices:
+        emails = sandbox.emails(invoice)
+        assert len(emails) == 2, invoice
+        assert queued[invoice, first[invoice]]["data"]["queuedAt"] == emails[0]["createdAt"]
+        assert queued[invoice, second[invoice]]["data"]["queuedAt"] == emails[1]["createdAt"]
+    assert all(len(sandbox.requests(invoice=i, endpoint="resend")) == 2 for i in lost)
+    ids = Counter(e["id"] for e in queued.values())
+    assert len(ids) == len(queued)  # one event id per reissue, copies aside
+    log = worker.log_path.read_text()
+    assert "Connection to broker lost" in log or "Cannot connect" in log  # it really went away
+
+
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_scale_out_with_the_procfile_line(
     processes: int, bus: Bus, sandbox: Sandbox, env: MakeEnv, ledger_url: str, tmp_path: Path

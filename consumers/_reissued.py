@@ -28,6 +28,7 @@ from invoice_mailer.events import parse_reissued
 from invoice_mailer.intake import reject
 from invoice_mailer.job import Job
 from invoice_mailer.observe import StepRecord
+from invoice_mailer.patching import patched
 from invoice_mailer.publishing import REPLAY_HEADER
 from settings import SettingsError, exit_config
 from tasks import InvoiceMailerCelery
@@ -58,9 +59,7 @@ def check_pool(pool: Any) -> None:
     the whole process.
     """
     if isinstance(pool, GeventPool):
-        from gevent import monkey
-
-        if not monkey.is_module_patched("socket"):
+        if not patched("socket"):
             raise WrongPool(
                 "the gevent pool needs gevent's patching: give --pool gevent on the command line"
             )

@@ -9,7 +9,6 @@ import math
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +22,7 @@ import httpx
 from invoice_mailer.clock import MILLISECOND, ApiClock, parse_http_date, parse_iso
 from invoice_mailer.errors import TransientError
 from invoice_mailer.pacing import RateBudget
+from invoice_mailer.patching import original
 from invoice_mailer.problem import Problem, error_for, parse_problem, requested_wait
 from invoice_mailer.untrusted import Redactor
 
@@ -249,11 +249,8 @@ def _is_readable(sock: socket.socket | None) -> bool:
 
 @functools.cache
 def _unpatched_poll() -> Callable[[], Any]:
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("select"):
-        poll: Callable[[], Any] = monkey.get_original("select", "poll")
-        return poll
-    return select.poll
+    poll: Callable[[], Any] = original("select", "poll")
+    return poll
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):

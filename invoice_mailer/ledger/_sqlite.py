@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import sqlite3
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from invoice_mailer.ledger._base import InvoiceBusy, LedgerError
 from invoice_mailer.ledger._sql import Run, SqlLedger
+from invoice_mailer.patching import patched
 
 __all__ = ["SqliteLedger"]
 
@@ -59,12 +59,6 @@ def _run(
     return [dict(row) for row in conn.execute(sql, params).fetchall()]
 
 
-def _greenlets() -> bool:
-    """Whether this process's threads are gevent's greenlets (the worker's gevent pool)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("threading"))
-
-
 class SqliteLedger(SqlLedger):
     """One connection per process, owned by a writer thread; statements autocommit.
 
@@ -109,7 +103,7 @@ class SqliteLedger(SqlLedger):
         self._closing = threading.Lock()
         self._closed = False
         self._writer: threading.Thread | None = None  # None: statements run inline
-        if not (_greenlets() if inline is None else inline):
+        if not (patched("threading") if inline is None else inline):
             self._writer = threading.Thread(
                 target=self._write_loop, name="ledger-writer", daemon=True
             )

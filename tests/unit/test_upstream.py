@@ -237,6 +237,23 @@ def test_the_green_loop_glances_without_waiting() -> None:
         app.close()
 
 
+def test_kombu_keeps_the_transport_connection_where_check_link_reads_it() -> None:
+    """``Consumer.check_link`` compares ``kombu.Connection._connection`` (private) with
+    the link the consumers were set up on: were kombu to keep it elsewhere, the check
+    would find it gone on every turn and restart the consumer forever."""
+    from kombu import Connection
+
+    conn = Connection("memory://")
+    try:
+        assert getattr(conn, "_connection", "missing") is None  # not connected yet
+        link = conn.connection  # the property connects
+        assert link is not None
+        assert conn._connection is link
+        assert conn.connection is link  # and hands back the same one while it lives
+    finally:
+        conn.release()
+
+
 def test_httpcore_polls_every_pooled_connection_with_selects_poll() -> None:
     """``is_readable`` goes to ``select.poll()``, gevent's once patched: what
     ``invoice_mailer.billing._http._is_readable`` answers with the unpatched one."""

@@ -70,11 +70,7 @@ def test_a_broker_restart_mid_burst_with_slow_answers_sends_no_second_post(
         what="600 events published in the ledger",
     )
     worker.stop()
-    after = Bus(broker_url, capture="test.capture.durable")
-    try:
-        events = before + after.drain()
-    finally:
-        after.close()
+    events = before + Bus.drained(broker_url, "test.capture.durable")
     assert len(before) < len(invoices)  # the restart really came mid-burst
     posts = Counter(r.path for r in sandbox.requests(endpoint="resend"))
     assert len(posts) == len(invoices)

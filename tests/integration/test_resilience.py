@@ -127,11 +127,8 @@ def test_a_broker_restart_mid_burst_loses_and_doubles_nothing(
 
     _wait_published(ledger_url, len(invoices), timeout=240)
     worker.stop()
-    after = Bus(broker_url, capture="test.capture.durable")
-    try:
-        _exactly_once(before + after.drain(), invoices, sandbox, same_id_copies_allowed=True)
-    finally:
-        after.close()
+    after = Bus.drained(broker_url, "test.capture.durable")
+    _exactly_once(before + after, invoices, sandbox, same_id_copies_allowed=True)
     log = worker.log_path.read_text()
     assert "Connection to broker lost" in log or "Cannot connect" in log  # it really went away
 
@@ -171,11 +168,7 @@ def test_lost_answers_parked_across_a_broker_restart_with_the_api_clock_behind(
 
     _wait_published(ledger_url, 2 * len(invoices), timeout=240)
     worker.stop()
-    after = Bus(broker_url, capture="test.capture.durable")
-    try:
-        events = before + after.drain()
-    finally:
-        after.close()
+    events = before + Bus.drained(broker_url, "test.capture.durable")
     queued = {
         (e["data"]["invoiceId"], e["data"]["reissuedEvent"]["id"]): e
         for e in events

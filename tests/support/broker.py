@@ -277,6 +277,16 @@ class Bus:
         """Read outgoing events for up to ``seconds`` (less once one arrives)."""
         self._pump(seconds)
 
+    @classmethod
+    def drained(cls, url: str, capture: str) -> list[dict[str, Any]]:
+        """What is waiting in the durable ``capture`` queue, read by a bus of its own
+        (the test's first bus went down with the broker it restarted)."""
+        bus = cls(url, capture=capture)
+        try:
+            return bus.drain()
+        finally:
+            bus.close()
+
     def drain(self) -> list[dict[str, Any]]:
         """Everything that has arrived so far, after emptying the broker's buffer."""
         self._pump(0)

@@ -89,6 +89,7 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._consumer: Any = None  # celery.worker.consumer.Consumer, set in start()
         self._prefetch = PREFETCH_PER_THREAD
         self._paused = False
+        self._probe_window = False  # taking events only so that one can probe an outage
         self._watch: Any = None
 
     def start(self, c: Any) -> None:
@@ -99,11 +100,20 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
             self.app.settings.topology().declare(c.connection)
         except TopologyMismatch as exc:
             exit_config(SettingsError(str(exc)))
-        self.app.runtime.warm()  # before the first event can arrive
-        super().start(c)
-        self.app.runtime.ready = True
-        self.app.runtime.watch_health()
-        self._paused = False
+        runtime = self.app.runtime
+        runtime.warm()  # before the first event can arrive
+        runtime.watch_health(first_turn_wait=2.0)  # and the fleet's health known
+        if runtime.paused_because:
+            # Celery's ConsumerStep.start but for its consume(): declared, not taking
+            # events, which would only wait in the broker again. After a reconnect too:
+            # the pause outlives the connection.
+            self.consumers = self.get_consumers(c.connection.channel())
+            self._paused = True
+            log.warning("intake paused: %s", "; ".join(runtime.paused_because))
+        else:
+            super().start(c)
+            self._paused = False
+        runtime.ready = True
         # The timer runs its ticks in a greenlet of their own under gevent: the channel
         # is touched only from the consumer's loop (call_soon), never beside it, where
         # a cancel's wait for its answer would read the loop's deliveries.
@@ -112,18 +122,28 @@ class ReissuedEventConsumer(bootsteps.ConsumerStep):  # type: ignore[misc]
     def _follow_health(self) -> None:
         """On the consumer's loop: stop taking raw events while a dependency is
         unhealthy for the fleet (they wait in the broker, not in this worker), resume
-        after."""
-        reasons = self.app.runtime.paused_because
+        after. While an outage's probe is due intake takes events again, so that one
+        can be the probe (``Dependencies.unhealthy``): those windows, one per probe,
+        are logged at INFO; the outage's pause and its end, at WARNING."""
+        held, sick = self.app.runtime.paused_because, self.app.runtime.unhealthy_because
         try:
-            if reasons and not self._paused:
+            if held and not self._paused:
                 for consumer in self.consumers or ():
                     consumer.cancel()
                 self._paused = True
-                log.warning("intake paused: %s", "; ".join(reasons))
-            elif not reasons and self._paused:
+                level = logging.INFO if self._probe_window else logging.WARNING
+                log.log(level, "intake paused: %s", "; ".join(held))
+            elif not held and self._paused:
                 for consumer in self.consumers or ():
                     consumer.consume()
                 self._paused = False
+                self._probe_window = bool(sick)
+                if self._probe_window:
+                    log.info("intake open while a probe is due: %s", "; ".join(sick))
+                else:
+                    log.warning("intake resumed")
+            elif not held and self._probe_window and not sick:
+                self._probe_window = False
                 log.warning("intake resumed")
         except Exception:  # a channel gone mid-reconnect: the next tick tries again
             log.warning("could not pause or resume intake", exc_info=True)

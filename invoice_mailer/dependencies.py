@@ -27,6 +27,7 @@ from invoice_mailer.health import (
     healthy,
     on_probe,
     opened,
+    probe_due,
 )
 
 __all__ = ["BUS", "Dependencies", "api", "budget", "pace"]
@@ -100,12 +101,10 @@ class Dependencies:
         if health.ok:
             return Gate(go=True)
         now = self._now()
-        due = health.retry_at is None or health.retry_at <= now
+        due = probe_due(health, now)
         if due and _is_gate(dependency):
             self._reopen(health, now)
             return Gate(go=True)
-        if health.state is State.PROBING:
-            due = health.probe_until is None or health.probe_until <= now
         if due and self._store.take_probe(dependency, owner, now, self._policy.probe_lease_seconds):
             self._forget(dependency)
             return Gate(go=True, probe=True, health=health)
@@ -165,13 +164,26 @@ class Dependencies:
         ``interval`` apart (pacing to a rate)."""
         return self._store.reserve(dependency, self._now(), interval)
 
-    def unhealthy(self, dependencies: list[str]) -> list[Health]:
+    def unhealthy(self, dependencies: list[str], *, for_intake: bool = False) -> list[Health]:
+        """The ``dependencies`` unhealthy for the fleet (a gate whose time is up opens).
+
+        ``for_intake``: less those whose probe is due. The probe is an event's attempt,
+        and while intake waits only parked events come back to make one; with none
+        parked (all given up after a long outage, or their delay queues lost) nothing
+        would probe, and the fleet would wait for good. So intake lets events in while
+        the probe is due: one of them takes it (a conditional write, once for the
+        fleet), the others wait in the broker as the parked ones do, and intake waits
+        again once the probe is out (``probing``) or failed (``open``, a longer wait).
+        """
         found = []
         now = self._now()
         for health in (self.state(d) for d in dependencies):
-            if not health.ok and _is_gate(health.dependency) and (health.retry_at or 0) <= now:
+            if health.ok:
+                continue
+            due = probe_due(health, now)
+            if due and _is_gate(health.dependency):
                 self._reopen(health, now)
-            elif not health.ok:
+            elif not (for_intake and due):
                 found.append(health)
         return found
 

@@ -48,6 +48,7 @@ __all__ = [
     "healthy",
     "on_probe",
     "opened",
+    "probe_due",
 ]
 
 
@@ -113,6 +114,16 @@ def on_probe(current: Health, ok: bool, now: float, detail: str, policy: Breaker
     if ok:
         return healthy(current.dependency, now)
     return opened(replace(current, state=State.PROBING), now, detail, policy)
+
+
+def probe_due(health: Health, now: float) -> bool:
+    """May the next attempt probe (a gate: open) ``health``'s dependency? ``open`` with
+    its wait over, or ``probing`` by a holder whose lease ran out (it died)."""
+    if health.state is State.OPEN:
+        return health.retry_at is None or health.retry_at <= now
+    if health.state is State.PROBING:
+        return health.probe_until is None or health.probe_until <= now
+    return False
 
 
 def gate(dependency: str, until: float, now: float, detail: str) -> Health:

@@ -831,9 +831,10 @@ class Pipeline:
         budget = self._provider.budget
         return (self._provider.name, budget.rate(), budget.remaining)
 
-    def unhealthy(self) -> list[str]:
-        """The dependencies this process sees unhealthy (the ledger included), with why:
-        while any is, the consumer takes no new events."""
+    def unhealthy(self, *, for_intake: bool = False) -> list[str]:
+        """The dependencies this process sees unhealthy (the ledger included), with why.
+        ``for_intake``: those that keep the consumer from taking new events (less an
+        outage whose probe is due: ``Dependencies.unhealthy``)."""
         found = []
         if self._ledger_down:
             try:  # back? (no event may come to tell while intake waits for it)
@@ -847,7 +848,8 @@ class Pipeline:
             # that meet it take their slots after it (spread at the budget's rate).
             names = [api(self._provider.name), BUS]
             with contextlib.suppress(LedgerError):  # the ledger says so at its next claim
-                found += [f"{h.dependency}: {h.detail}" for h in self._deps.unhealthy(names)]
+                sick = self._deps.unhealthy(names, for_intake=for_intake)
+                found += [f"{h.dependency}: {h.detail}" for h in sick]
         return found
 
     # -- bookkeeping -----------------------------------------------------------------------

@@ -72,7 +72,11 @@ class Runtime:
         self._ledger_down_since = 0.0
         self._rng = random.Random()
         self.paused_because: list[str] = []
-        """Unhealthy dependencies, refreshed by ``watch_health``: intake waits while any."""
+        """Unhealthy dependencies that hold intake, refreshed by ``watch_health``: the
+        consumer takes no raw event while any (an outage whose probe is due lets them
+        in, so that one can be the probe)."""
+        self.unhealthy_because: list[str] = []
+        """Every unhealthy dependency, refreshed by ``watch_health``: readiness says so."""
         self._watcher: threading.Thread | None = None
         self._stop_watch = threading.Event()
 
@@ -103,13 +107,14 @@ class Runtime:
             log.error("ledger unavailable: %s; events wait in the broker", exc)
         return retry
 
-    def unhealthy(self) -> list[str]:
-        """What keeps this process from making progress (empty when nothing does)."""
+    def unhealthy(self, *, for_intake: bool = False) -> list[str]:
+        """What keeps this process from making progress (empty when nothing does);
+        ``for_intake``: what keeps it from taking raw events (``Pipeline.unhealthy``)."""
         if self._ledger_failed is not None:
             return [f"ledger: {self._ledger_failed[1]}"]
         if self._pipeline is None:
             return []
-        return self._pipeline.unhealthy()
+        return self._pipeline.unhealthy(for_intake=for_intake)
 
     def warm(self, wait: float = 2.0) -> None:
         """Build the runtime now, as the worker starts, so that no event waits for it:
@@ -135,19 +140,25 @@ class Runtime:
                 "could not prepare at start (%s); the first event tries again", type(exc).__name__
             )
 
-    def watch_health(self, every: float = 1.0) -> None:
-        """Keep ``paused_because`` current from a thread of its own: the consumer reads
-        it on the event loop, which must never wait on the ledger's database. It also
-        retries opening a ledger that could not be opened, since with intake paused no
-        event may come to do it."""
+    def watch_health(self, every: float = 1.0, *, first_turn_wait: float = 0.0) -> None:
+        """Keep ``paused_because`` and ``unhealthy_because`` current from a thread of
+        its own: the consumer reads them on the event loop, which must never wait on
+        the ledger's database. It also retries opening a ledger that could not be
+        opened, since with intake paused no event may come to do it.
+
+        A watch started now takes its first turn at once, and the call waits for it
+        up to ``first_turn_wait`` seconds: a worker that starts while the fleet waits
+        for a dependency learns it before it takes a raw event."""
+        turned = threading.Event()
 
         def loop() -> None:
-            while True:  # the first turn at once: a ledger down at start pauses intake now
+            while True:
                 try:
                     if self._ledger_failed is not None or self._pipeline is not None:
                         self._ensure()
                     self._settle_blocked()
-                    self.paused_because = self.unhealthy()
+                    self.unhealthy_because = self.unhealthy()
+                    self.paused_because = self.unhealthy(for_intake=True)
                     if self._pipeline is not None:
                         record_health(
                             self._pipeline.dependency_states(),
@@ -155,9 +166,10 @@ class Runtime:
                             self._pipeline.budget(),
                         )
                 except LedgerError as exc:
-                    self.paused_because = [f"ledger: {exc}"]
+                    self.paused_because = self.unhealthy_because = [f"ledger: {exc}"]
                 except Exception:
                     log.exception("health watch failed; trying again")
+                turned.set()
                 if self._stop_watch.wait(every):
                     return
 
@@ -165,6 +177,7 @@ class Runtime:
             self._stop_watch.clear()
             self._watcher = threading.Thread(target=loop, name="health-watch", daemon=True)
             self._watcher.start()
+            turned.wait(first_turn_wait)
 
     def _settle_blocked(self) -> None:
         """Publishes a blocked broker held: those it took since are recorded as out."""

@@ -75,7 +75,7 @@ class MetricsServer(bootsteps.StartStopStep):  # type: ignore[misc]
                 port,
                 host=app.settings.metrics_host,
                 registry=registry,
-                ready=lambda: app.runtime.ready and not app.runtime.paused_because,
+                ready=lambda: app.runtime.ready and not app.runtime.unhealthy_because,
             )
         except OSError as exc:
             log.info("metrics not served by this process (port %s: %s)", port, exc.strerror)

@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from broker import Topology
+from invoice_mailer.health import Health, State
+from invoice_mailer.ledger import open_ledger
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import StartWorker
 from tests.support.broker import Bus, memory_alarm, new_invoice, wait_until
@@ -72,6 +75,43 @@ def test_an_api_down_for_a_minute_pauses_the_fleet_and_gives_up_nothing(
     loud = sum(len(_loud(log)) for log in logs)
     print(f"{loud} warning and error lines in all")
     assert loud <= 30
+
+
+def test_a_fleet_paused_with_no_event_parked_starts_paused_and_still_probes(
+    start_worker: StartWorker, bus: Bus, sandbox: Sandbox, ledger_url: str
+) -> None:
+    """The ledger says the API is down for the fleet (an outage whose parked events all
+    gave up, or whose delay queues were lost: nothing is parked to probe it), and the API
+    is in fact back. A worker started now takes no raw event while the outage's wait
+    runs: they stay in the broker, with no consumer. Once the probe is due, intake lets
+    them in, one probes, and every event is done once."""
+    ledger = open_ledger(ledger_url)
+    try:
+        now = time.time()
+        ledger.put(
+            Health("api:hostup", State.OPEN, since=now - 3600, retry_at=now + 8, detail="503")
+        )
+    finally:
+        ledger.close()
+    topology = Topology()
+    topology.declare(bus.conn)  # as a worker before would have: the events wait in it
+    raw = topology.reissued().name
+    invoices = [new_invoice() for _ in range(12)]
+    for invoice in invoices:
+        bus.reissue(invoice)
+    worker = start_worker(concurrency=4, wait=False, **IMPATIENT)
+    wait_until(lambda: "intake paused" in worker.whole_log(), timeout=60, what="intake paused")
+    assert (bus.queue_depth(raw), bus.consumers(raw)) == (len(invoices), 0)
+    assert sandbox.requests() == []
+    events = bus.wait_for(len(invoices), timeout=90)
+    assert sorted(e["data"]["invoiceId"] for e in events) == sorted(invoices)
+    assert {e["type"] for e in events} == {"invoice.email_queued"}
+    assert all(len(sandbox.emails(invoice)) == 1 for invoice in invoices)
+    assert bus.dead_letters() == []
+    log = worker.whole_log()
+    assert "api:hostup healthy again" in log
+    assert "intake open while a probe is due: api:hostup: 503" in log
+    assert log.index("intake open while a probe is due") < log.index("intake resumed")
 
 
 @pytest.mark.long

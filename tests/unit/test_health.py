@@ -18,6 +18,7 @@ from invoice_mailer.health import (
     healthy,
     on_probe,
     opened,
+    probe_due,
 )
 from invoice_mailer.ledger import Ledger
 
@@ -57,6 +58,50 @@ def test_transitions(
     assert (after.retry_at - now if after.retry_at else None) == retry_in
     assert after.failed_probes == failed_probes
     assert after.since == since
+
+
+@pytest.mark.parametrize(
+    ("health", "now", "due"),
+    [
+        (healthy("api:hostup", T0), T0 + 100, False),
+        (OPEN_0, T0 + 1, False),  # still waiting
+        (OPEN_0, T0 + 2, True),  # its wait over
+        (Health("api:hostup", State.OPEN, since=T0), T0, True),  # no wait named
+        (Health("api:hostup", State.PROBING, since=T0, probe_until=T0 + 30), T0 + 29, False),
+        (Health("api:hostup", State.PROBING, since=T0, probe_until=T0 + 30), T0 + 30, True),
+        (gate("budget:hostup", T0 + 5, T0, "429"), T0 + 5, True),
+    ],
+    ids=["healthy", "open", "open-due", "open-no-wait", "probing", "probe-holder-gone", "gate"],
+)
+def test_when_a_probe_is_due(health: Health, now: float, due: bool) -> None:
+    assert probe_due(health, now) is due
+
+
+def test_intake_lets_events_in_while_a_probe_is_due_and_only_then() -> None:
+    """With no event parked, only a new one can probe: intake is held while the
+    outage's wait runs and while a live probe is out, not while a probe is due."""
+    store, clock = InMemoryHealthStore(), _Clock()
+    deps = Dependencies(store, policy=POLICY, clock=clock, cache_seconds=0)
+    names = ["api:hostup", "bus"]
+    for key in "abcde":
+        deps.failed("api:hostup", key, "503 internal_error")
+    assert [h.dependency for h in deps.unhealthy(names)] == ["api:hostup"]
+    assert [h.dependency for h in deps.unhealthy(names, for_intake=True)] == ["api:hostup"]
+    clock.now += 2  # the probe is due: readiness still says unhealthy, intake opens
+    assert [h.dependency for h in deps.unhealthy(names)] == ["api:hostup"]
+    assert deps.unhealthy(names, for_intake=True) == []
+    probe = deps.check("api:hostup", "first-new-event")
+    assert (probe.go, probe.probe) == (True, True)
+    assert not deps.check("api:hostup", "second-new-event").go  # it waits in the broker
+    assert [h.dependency for h in deps.unhealthy(names, for_intake=True)] == ["api:hostup"]
+    clock.now += POLICY.probe_lease_seconds  # the probe's holder died with it
+    assert deps.unhealthy(names, for_intake=True) == []
+    again = deps.check("api:hostup", "third-new-event")
+    assert (again.go, again.probe) == (True, True)
+    deps.failed("api:hostup", "y", "503 internal_error", probe=True)
+    assert [h.dependency for h in deps.unhealthy(names, for_intake=True)] == ["api:hostup"]
+    clock.now += 4  # the wait doubled
+    assert deps.unhealthy(names, for_intake=True) == []
 
 
 def test_a_gate_is_open_until_the_named_moment() -> None:

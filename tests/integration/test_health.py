@@ -14,7 +14,7 @@ from invoice_mailer.health import Health, State
 from invoice_mailer.ledger import open_ledger
 from sandbox import Fault, Sandbox
 from tests.integration.conftest import StartWorker
-from tests.support.broker import Bus, memory_alarm, new_invoice, wait_until
+from tests.support.broker import Bus, memory_alarm, new_invoice, restart_rabbitmq, wait_until
 
 # A retry table that would give up after about 10 s of 5xx.
 IMPATIENT = {
@@ -112,6 +112,53 @@ def test_a_fleet_paused_with_no_event_parked_starts_paused_and_still_probes(
     assert "api:hostup healthy again" in log
     assert "intake open while a probe is due: api:hostup: 503" in log
     assert log.index("intake open while a probe is due") < log.index("intake resumed")
+
+
+@pytest.mark.long
+def test_a_broker_restart_while_the_fleet_waits_for_the_api_keeps_it_waiting(
+    start_worker: StartWorker, broker_url: str, sandbox: Sandbox
+) -> None:
+    """The API down, intake paused, and then the broker restarted: the worker reconnects
+    to a paused intake (that it starts paused is shown by the test above), the parked
+    events survive in the broker, and once the API is back every event is done once,
+    with no give-up, no dead letter and a bounded log."""
+    bus = Bus(broker_url, capture="test.capture.durable")  # survives the restart
+    sandbox.configure(failure_rates={503: 1.0})
+    worker = start_worker(concurrency=8, **IMPATIENT)
+    invoices = [new_invoice() for _ in range(30)]
+    for invoice in invoices:
+        bus.reissue(invoice)
+    wait_until(lambda: "intake paused" in worker.whole_log(), timeout=60, what="intake paused")
+    before = bus.all_received()
+    bus.close()
+
+    restart_rabbitmq()
+
+    wait_until(
+        lambda: worker.whole_log().count("intake paused") >= 2,
+        timeout=90,
+        what="intake paused again after the reconnect",
+    )
+    time.sleep(10)  # the outage goes on after the restart
+    sandbox.configure(failure_rates={})
+    after = Bus(broker_url, capture="test.capture.durable")
+    try:
+        after.wait_for(len(invoices) - len(before), timeout=180)
+        events = before + after.drain()
+        letters = after.dead_letters()
+    finally:
+        after.close()
+    queued = [e for e in events if e["type"] == "invoice.email_queued"]
+    assert {e["type"] for e in events} == {"invoice.email_queued"}
+    assert sorted({e["data"]["invoiceId"] for e in queued}) == sorted(invoices)
+    assert len({e["id"] for e in queued}) == len(invoices)  # copies aside, one id each
+    assert letters == []
+    assert all(len(sandbox.emails(invoice)) == 1 for invoice in invoices)
+    log = worker.whole_log()
+    assert "Connection to broker lost" in log or "Cannot connect" in log
+    loud = _loud(log)
+    print(f"API down, broker restarted, 30 events: {len(loud)} warning and error lines")
+    assert len(loud) <= 40
 
 
 @pytest.mark.long

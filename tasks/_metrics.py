@@ -108,7 +108,8 @@ BUDGET_REMAINING = Gauge(
 )
 INTAKE_PAUSED = Gauge(
     f"{_P}_intake_paused",
-    "1 while this process takes no new raw events (a dependency is unhealthy)",
+    "1 while a dependency is unhealthy for the fleet: this process takes no new raw events, "
+    "but for a second or two when a probe is due",
     multiprocess_mode="livemax",
 )
 

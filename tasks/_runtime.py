@@ -160,9 +160,11 @@ class Runtime:
                     self.unhealthy_because = self.unhealthy()
                     self.paused_because = self.unhealthy(for_intake=True)
                     if self._pipeline is not None:
+                        # Paused for the gauge through a probe's window too: it lasts a
+                        # second or two, and would make the outage's alert flap.
                         record_health(
                             self._pipeline.dependency_states(),
-                            bool(self.paused_because),
+                            bool(self.unhealthy_because),
                             self._pipeline.budget(),
                         )
                 except LedgerError as exc:

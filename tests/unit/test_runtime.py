@@ -3,8 +3,13 @@ for nothing it could have had ready)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
+from invoice_mailer.health import Health, State
+from invoice_mailer.ledger import open_ledger
 from settings import Settings
 from tasks._runtime import Runtime
 
@@ -35,5 +40,26 @@ def test_warm_with_a_ledger_that_cannot_open_returns_and_reports_it(tmp_path: Pa
         assert runtime._pipeline is None
         [reason] = runtime.unhealthy()
         assert reason.startswith("ledger: cannot open SQLite ledger")
+    finally:
+        runtime.close()
+
+
+def test_a_due_probe_opens_intake_but_not_readiness_nor_the_paused_gauge(
+    tmp_path: Path,
+) -> None:
+    """The ledger says the API is down, its probe due: intake takes events (one can be
+    the probe), readiness and the intake gauge still say paused."""
+    url = f"sqlite:///{tmp_path}/ledger.sqlite3"
+    ledger = open_ledger(url)
+    now = time.time()
+    ledger.put(Health("api:hostup", State.OPEN, since=now - 60, retry_at=now, detail="503"))
+    ledger.close()
+    runtime = _runtime(url)
+    try:
+        runtime.warm()
+        runtime.watch_health(first_turn_wait=5.0)
+        assert runtime.paused_because == []
+        assert runtime.unhealthy_because == ["api:hostup: 503"]
+        assert REGISTRY.get_sample_value("invoice_mailer_intake_paused") == 1
     finally:
         runtime.close()
